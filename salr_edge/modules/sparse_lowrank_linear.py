@@ -1,0 +1,176 @@
+"""`SparseLowRankLinear`: a frozen, exactly sparse base weight plus fused low-rank adapters."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..formats.bitmap import BitmapTensor, bitmap_decode, bitmap_encode, bitmap_mask
+
+
+class SparseLowRankLinear(nn.Module):
+    """Wraps an `nn.Linear`: y = x·(W⊙M)ᵀ + Σ_a s_a·(x·A_aᵀ)·B_aᵀ + bias.
+
+    The base weight is frozen and exactly sparse (its pruned entries are zero and stay zero). Every
+    adapter a (the SVD residual, LoRA, ...) is a pair A_a [r_a, K], B_a [N, r_a] with a scaling s_a.
+    The forward concatenates all adapters into one A_cat [R, K] / B_cat [N, R] pair, so the adapter
+    path is two GEMMs whatever the number of adapters: the contract of the ONNX `SALRLinear` op.
+
+    Args:
+        base_layer: the layer to wrap; its weight is masked in place and frozen.
+        mask: bool [N, K] of kept entries; default: the weight's non-zeros.
+    """
+
+    def __init__(self, base_layer: nn.Linear, mask: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"SparseLowRankLinear wraps nn.Linear, got {type(base_layer).__name__}")
+        weight = base_layer.weight
+        if mask is None:
+            mask = weight.detach() != 0
+        if tuple(mask.shape) != tuple(weight.shape):
+            raise ValueError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(weight.shape)}")
+        self.base_layer = base_layer
+        self.register_buffer("salr_mask", mask.to(device=weight.device, dtype=torch.bool), persistent=False)
+        with torch.no_grad():
+            weight.mul_(self.salr_mask)
+        weight.requires_grad_(False)
+        self.salr_A = nn.ParameterDict()
+        self.salr_B = nn.ParameterDict()
+        self.salr_scaling: dict[str, float] = {}
+        self.merged = False
+
+    # ---- shape -----------------------------------------------------------------------------------
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The (sparse) base weight; transformers code sometimes reads `.weight.dtype/device`."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.salr_A.keys())
+
+    @property
+    def total_rank(self) -> int:
+        return sum(a.shape[0] for a in self.salr_A.values())
+
+    # ---- adapters --------------------------------------------------------------------------------
+    def add_adapter(self, name: str, A: torch.Tensor, B: torch.Tensor, scaling: float = 1.0,
+                    trainable: bool = True) -> None:
+        """Add adapter `name` with A [r, K], B [N, r]; its contribution is scaling·B·A."""
+        if name in self.salr_A:
+            raise ValueError(f"adapter {name!r} already exists")
+        if A.dim() != 2 or B.dim() != 2 or A.shape[1] != self.in_features or B.shape[0] != self.out_features \
+                or A.shape[0] != B.shape[1]:
+            raise ValueError(
+                f"adapter {name!r}: expected A [r, {self.in_features}] and B [{self.out_features}, r], "
+                f"got A {tuple(A.shape)} and B {tuple(B.shape)}")
+        ref = self.base_layer.weight
+        self.salr_A[name] = nn.Parameter(A.detach().to(ref.device, ref.dtype).clone(), requires_grad=trainable)
+        self.salr_B[name] = nn.Parameter(B.detach().to(ref.device, ref.dtype).clone(), requires_grad=trainable)
+        self.salr_scaling[name] = float(scaling)
+
+    def add_lora(self, name: str, rank: int, alpha: float, trainable: bool = True) -> None:
+        """Add a LoRA adapter with PEFT's init: A Kaiming-uniform, B zero, so the output is unchanged."""
+        A = torch.empty(rank, self.in_features)
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        self.add_adapter(name, A, torch.zeros(self.out_features, rank), scaling=alpha / rank, trainable=trainable)
+
+    def set_adapter_trainable(self, name: str, trainable: bool) -> None:
+        self.salr_A[name].requires_grad_(trainable)
+        self.salr_B[name].requires_grad_(trainable)
+
+    def fused_adapters(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A_cat [R, K] and B_cat [N, R] with every adapter's scaling folded into B_cat (R may be 0)."""
+        ref = self.base_layer.weight
+        if not self.salr_A:
+            return ref.new_zeros(0, self.in_features), ref.new_zeros(self.out_features, 0)
+        a_cat = torch.cat([self.salr_A[n] for n in self.salr_A], dim=0)  # (R, K)
+        b_cat = torch.cat([self.salr_B[n] * self.salr_scaling[n] for n in self.salr_A], dim=1)  # (N, R)
+        return a_cat, b_cat
+
+    def get_delta_weight(self) -> torch.Tensor:
+        """The dense [N, K] weight the adapters add: B_cat·A_cat."""
+        a_cat, b_cat = self.fused_adapters()
+        return b_cat @ a_cat
+
+    # ---- forward / merge -------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.base_layer.weight, self.base_layer.bias)  # (..., N)
+        if self.merged or not self.salr_A:
+            return y
+        a_cat, b_cat = self.fused_adapters()
+        return y + F.linear(F.linear(x.to(a_cat.dtype), a_cat), b_cat).to(y.dtype)  # (..., R) -> (..., N)
+
+    def merge(self, safe_merge: bool = False) -> None:
+        """Fold the adapters into the base weight (which then stops being sparse) for plain inference.
+
+        Args:
+            safe_merge: check the merged weight for NaN/Inf before writing it.
+        """
+        if self.merged:
+            return
+        with torch.no_grad():
+            merged = self.base_layer.weight + self.get_delta_weight()
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError("merging the adapters produces NaN/Inf weights; the adapters are broken")
+            self.base_layer.weight.copy_(merged)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Undo `merge`: the base weight is exactly sparse again."""
+        if not self.merged:
+            return
+        with torch.no_grad():
+            self.base_layer.weight.sub_(self.get_delta_weight()).mul_(self.salr_mask)
+        self.merged = False
+
+    # ---- sparse base -----------------------------------------------------------------------------
+    def sparse_weight(self) -> torch.Tensor:
+        """The exactly sparse base weight [N, K] (without the adapters)."""
+        if self.merged:
+            raise RuntimeError("the adapters are merged into the base; call unmerge() first")
+        return self.base_layer.weight.detach()
+
+    def to_bitmap(self, values_dtype: torch.dtype | None = None) -> BitmapTensor:
+        """The base in the bitmap format (kept entries that happen to be 0 are stored explicitly)."""
+        return bitmap_encode(self.sparse_weight(), self.salr_mask, values_dtype)
+
+    def extra_repr(self) -> str:
+        density = float(self.salr_mask.float().mean()) if self.salr_mask.numel() else 0.0
+        ranks = {n: a.shape[0] for n, a in self.salr_A.items()}
+        return f"in_features={self.in_features}, out_features={self.out_features}, density={density:.3f}, adapters={ranks}"
+
+    @classmethod
+    def from_bitmap(cls, bitmap: BitmapTensor, bias: torch.Tensor | None = None,
+                    dtype: torch.dtype = torch.float32) -> "SparseLowRankLinear":
+        """Rebuild a module (no adapters yet) from a bitmap base and an optional bias."""
+        n, k = bitmap.shape
+        linear = nn.Linear(k, n, bias=bias is not None, dtype=dtype, device="meta").to_empty(device="cpu")
+        with torch.no_grad():
+            linear.weight.copy_(bitmap_decode(bitmap, dtype))
+            if bias is not None:
+                linear.bias.copy_(bias)
+        return cls(linear, bitmap_mask(bitmap))
+
+
+def iter_sparse_lowrank(model: nn.Module):
+    """Yield (name, module) for every `SparseLowRankLinear` in `model`."""
+    for name, module in model.named_modules():
+        if isinstance(module, SparseLowRankLinear):
+            yield name, module
