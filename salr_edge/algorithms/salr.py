@@ -31,6 +31,8 @@ def compress_linear(linear: nn.Linear, config: SALRConfig, input_norms: torch.Te
         r = getattr(config, field)
         if r > min(n, k):
             raise ValueError(f"{field}={r} exceeds min(d, k)={min(n, k)} of a {n}x{k} layer")
+    if config.pruning == "wanda" and input_norms is None:
+        raise ValueError("pruning='wanda' needs the layer's input feature norms (calibration data)")
     scores = wanda_scores(weight, input_norms) if config.pruning == "wanda" else magnitude_scores(weight)
     mask = select_mask(scores, config.sparsity, config.granularity)
     residual = (weight.float() * ~mask) if config.rank else None  # what pruning removed
@@ -45,11 +47,16 @@ def compress_linear(linear: nn.Linear, config: SALRConfig, input_norms: torch.Te
 
 @register_handler(SALRConfig)
 def compress_salr_(model: nn.Module, config: SALRConfig, calib_data: Iterable[torch.Tensor] | None = None,
-                   show_progress: bool = True) -> nn.Module:
-    """Modifies `model` in place with SALR (see `SALRConfig`); everything but the adapters is frozen."""
+                   show_progress: bool = True, input_norms: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Modifies `model` in place with SALR (see `SALRConfig`); everything but the adapters is frozen.
+
+    Args:
+        calib_data: input-id batches for Wanda's activation norms.
+        input_norms: precomputed Wanda norms (name -> [in_features]), to reuse one calibration pass.
+    """
     names = find_target_linears(model, config.target_modules, config.exclude_modules)
-    norms: dict[str, torch.Tensor] = {}
-    if config.pruning == "wanda":
+    norms: dict[str, torch.Tensor] = dict(input_norms or {})
+    if config.pruning == "wanda" and not all(n in norms for n in names):
         if calib_data is None:
             raise ValueError("pruning='wanda' needs calib_data (input ids of calibration text)")
         norms = input_feature_norms(model, names, calib_data, show_progress)

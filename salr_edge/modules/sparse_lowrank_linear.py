@@ -37,7 +37,7 @@ class SparseLowRankLinear(nn.Module):
         self.register_buffer("salr_mask", mask.to(device=weight.device, dtype=torch.bool), persistent=False)
         with torch.no_grad():
             weight.mul_(self.salr_mask)
-        weight.requires_grad_(False)
+        base_layer.requires_grad_(False)  # the whole base (weight and bias) is frozen
         self.salr_A = nn.ParameterDict()
         self.salr_B = nn.ParameterDict()
         self.salr_scaling: dict[str, float] = {}
