@@ -111,6 +111,12 @@ class SparseLowRankLinear(nn.Module):
 
     # ---- forward / merge -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:  # Triton SALRLinear kernel where it applies (salr_edge.kernels decides; None: torch path)
+            from ..kernels import sparse_lowrank_forward
+
+            y = sparse_lowrank_forward(self, x)
+            if y is not None:
+                return y
         y = F.linear(x, self.base_layer.weight, self.base_layer.bias)  # (..., N)
         if self.merged or not self.salr_A:
             return y

@@ -53,7 +53,7 @@ def encode_bitmap(dense: np.ndarray, mask: np.ndarray | None = None, values_dtyp
 def decode_bitmap(bitmap: np.ndarray, values: np.ndarray, row_offsets: np.ndarray, in_features: int) -> np.ndarray:
     """Dense W [N, K] in the values' dtype. Assumes a well-formed encoding (no checks: see the C++ kernels)."""
     n = bitmap.shape[0]
-    bits = np.unpackbits(np.asarray(bitmap, dtype=np.uint8).reshape(n, -1), axis=1, bitorder="little")
+    bits = np.unpackbits(np.asarray(bitmap, dtype=np.uint8), axis=1, bitorder="little")
     mask = bits[:, :in_features].astype(bool)
     dense = np.zeros((n, in_features), dtype=values.dtype)
     dense[mask] = values[: int(row_offsets[-1])] if n else values[:0]

@@ -1,0 +1,523 @@
+// ORT glue of the CPU kernels: type registrations, input validation, constant-initializer caching,
+// activation conversion and the intra-op thread pool. The arithmetic lives in sparse_linear.cc and the
+// kernels_*.cc sets.
+//
+// Every op is registered once per supported type combination (ORT merges same-name registrations into one
+// schema and binds each node to the kernel matching its types):
+//   SALRLinear       (X, values) in {(f32, f32), (f32, f16), (f16, f16)}
+//   BitmapDecode     values in {f32, f16}  -> W has the values' type
+//   FusedAdapterGemm X in {f32, f16}
+#include "cpu_ops.h"
+
+#include <algorithm>
+#include <atomic>
+#include <exception>
+#include <mutex>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "format.h"
+#include "kernels.h"
+#include "salr_ops.h"
+
+namespace salr {
+namespace Cpu {
+namespace {
+
+constexpr ONNXTensorElementDataType kF32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+constexpr ONNXTensorElementDataType kF16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+constexpr ONNXTensorElementDataType kU8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+constexpr ONNXTensorElementDataType kI64 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+
+// An input that does not satisfy the op's contract: reported as ORT_INVALID_ARGUMENT.
+struct InvalidInput : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+ValueType value_type(ONNXTensorElementDataType t) {
+  return t == kF16 ? ValueType::kFloat16 : ValueType::kFloat32;
+}
+
+int64_t element_count(const std::vector<int64_t>& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+// Runs a driver's tasks on ORT's intra-op pool. ORT splits `total` statically, so each pool invocation
+// pulls tasks from a shared counter: a thread that finishes early takes more rows (dynamic chunks), and
+// intra_op_num_threads is honoured because only ORT's threads ever run them.
+class PoolRunner {
+ public:
+  explicit PoolRunner(const Ort::KernelContext& ctx) : ctx_(ctx) {}
+
+  Runner runner() {
+    Runner r;
+    r.run = &PoolRunner::run;
+    r.self = this;
+    return r;
+  }
+
+ private:
+  struct State {
+    std::atomic<int64_t> next{0};
+    int64_t tasks = 0;
+    void (*fn)(void*, int64_t) = nullptr;
+    void* arg = nullptr;
+    std::mutex mu;
+    std::exception_ptr error;
+  };
+
+  static void worker(void* p, size_t) {
+    State& s = *static_cast<State*>(p);
+    for (int64_t i = s.next.fetch_add(1); i < s.tasks; i = s.next.fetch_add(1)) {
+      try {
+        s.fn(s.arg, i);
+      } catch (...) {  // no exception may cross ORT's C thread pool; rethrown on the calling thread
+        std::lock_guard<std::mutex> lock(s.mu);
+        if (!s.error) s.error = std::current_exception();
+      }
+    }
+  }
+
+  static void run(void* self, int64_t tasks, void (*fn)(void*, int64_t), void* arg) {
+    if (tasks <= 0) return;
+    if (tasks == 1) {
+      fn(arg, 0);
+      return;
+    }
+    State s;
+    s.tasks = tasks;
+    s.fn = fn;
+    s.arg = arg;
+    static_cast<PoolRunner*>(self)->ctx_.ParallelFor(&PoolRunner::worker, static_cast<size_t>(tasks), 0, &s);
+    if (s.error) std::rethrow_exception(s.error);
+  }
+
+  const Ort::KernelContext& ctx_;
+};
+
+std::string node_label(const Ort::ConstKernelInfo& info, const char* op) {
+  std::string name;
+  try {
+    name = info.GetNodeName();
+  } catch (const Ort::Exception&) {
+  }
+  return name.empty() ? std::string(op) : std::string(op) + " (node '" + name + "')";
+}
+
+int64_t read_in_features(const Ort::ConstKernelInfo& info, const std::string& label) {
+  try {
+    return info.GetAttribute<int64_t>(kInFeaturesAttr);
+  } catch (const Ort::Exception& e) {
+    throw InvalidInput(label + ": missing or invalid int attribute '" + kInFeaturesAttr + "': " + e.what());
+  }
+}
+
+// A constant initializer input, or null when the input is a graph input / computed / absent.
+Ort::ConstValue constant_input(const Ort::ConstKernelInfo& info, size_t index) {
+  if (index >= info.GetInputCount()) return Ort::ConstValue{nullptr};
+  int is_constant = 0;
+  try {
+    Ort::ConstValue v = info.GetTensorConstantInput(index, &is_constant);
+    if (is_constant && v) return v;
+  } catch (const Ort::Exception&) {  // absent optional input
+  }
+  return Ort::ConstValue{nullptr};
+}
+
+bool present(const Ort::ConstValue& v) { return static_cast<const OrtValue*>(v) != nullptr; }
+
+std::vector<int64_t> shape_of(const Ort::ConstValue& v) { return v.GetTensorTypeAndShapeInfo().GetShape(); }
+
+// bitmap / values / row_offsets of one weight. Validated once at construction when all three are constant
+// initializers (ORT hands the same buffers to every run, which is re-checked by pointer), else on every run.
+class BitmapWeightInput {
+ public:
+  void init(const Ort::ConstKernelInfo& info, const std::string& label, int64_t in_features, size_t first,
+            ValueType vtype) {
+    label_ = label;
+    k_ = in_features;
+    first_ = first;
+    vtype_ = vtype;
+    Ort::ConstValue t[3] = {constant_input(info, first), constant_input(info, first + 1),
+                            constant_input(info, first + 2)};
+    if (!present(t[0]) || !present(t[1]) || !present(t[2])) return;
+    BitmapTensors bt = tensors(t[0], t[1], t[2]);
+    const std::string err = check_bitmap_weight(label_.c_str(), k_, bt, &cached_);
+    if (!err.empty()) throw InvalidInput(err);
+    cached_shapes_[0] = bt.bitmap_shape;
+    cached_shapes_[1] = bt.values_shape;
+    cached_shapes_[2] = bt.offsets_shape;
+    constant_ = true;
+  }
+
+  SparseWeight get(const Ort::KernelContext& ctx) const {
+    Ort::ConstValue t[3] = {ctx.GetInput(first_), ctx.GetInput(first_ + 1), ctx.GetInput(first_ + 2)};
+    for (int i = 0; i < 3; ++i) {
+      if (!present(t[i])) throw InvalidInput(label_ + ": input '" + kNames[i] + "' is missing");
+    }
+    if (constant_ && t[0].GetTensorRawData() == cached_.bitmap && t[1].GetTensorRawData() == cached_.values &&
+        t[2].GetTensorRawData() == cached_.row_offsets && shape_of(t[0]) == cached_shapes_[0] &&
+        shape_of(t[1]) == cached_shapes_[1] && shape_of(t[2]) == cached_shapes_[2]) {
+      return cached_;
+    }
+    SparseWeight w;
+    const std::string err = check_bitmap_weight(label_.c_str(), k_, tensors(t[0], t[1], t[2]), &w);
+    if (!err.empty()) throw InvalidInput(err);
+    return w;
+  }
+
+ private:
+  static constexpr const char* kNames[3] = {"bitmap", "values", "row_offsets"};
+
+  BitmapTensors tensors(const Ort::ConstValue& bm, const Ort::ConstValue& vals, const Ort::ConstValue& off) const {
+    BitmapTensors bt;
+    bt.bitmap_shape = shape_of(bm);
+    bt.values_shape = shape_of(vals);
+    bt.offsets_shape = shape_of(off);
+    bt.bitmap = static_cast<const uint8_t*>(bm.GetTensorRawData());
+    bt.values = vals.GetTensorRawData();
+    bt.row_offsets = static_cast<const int64_t*>(off.GetTensorRawData());
+    bt.vtype = vtype_;
+    return bt;
+  }
+
+  std::string label_;
+  int64_t k_ = 0;
+  size_t first_ = 0;
+  ValueType vtype_ = ValueType::kFloat16;
+  bool constant_ = false;
+  SparseWeight cached_;
+  std::vector<int64_t> cached_shapes_[3];
+};
+
+// A float input (adapter factor, bias) needed in fp32. A constant fp16 initializer is converted once.
+class FloatInput {
+ public:
+  void init(const Ort::ConstKernelInfo& info, size_t index, bool is_f16, const KernelSet& ks) {
+    Ort::ConstValue v = constant_input(info, index);
+    if (!present(v)) return;
+    const void* data = v.GetTensorRawData();
+    data_ = data;
+    if (is_f16) {
+      const int64_t count = element_count(shape_of(v));
+      converted_.resize(static_cast<size_t>(count));
+      ks.f16_to_f32(static_cast<const uint16_t*>(data), converted_.data(), count);
+    }
+  }
+
+  // fp32 view of `v` (count elements); `scratch` holds a conversion when one is needed.
+  const float* get(const Ort::ConstValue& v, int64_t count, bool is_f16, const KernelSet& ks,
+                   std::vector<float>& scratch) const {
+    const void* data = v.GetTensorRawData();
+    if (!is_f16) return static_cast<const float*>(data);
+    if (data_ != nullptr && data == data_ && static_cast<int64_t>(converted_.size()) == count) return converted_.data();
+    scratch.resize(static_cast<size_t>(count));
+    ks.f16_to_f32(static_cast<const uint16_t*>(data), scratch.data(), count);
+    return scratch.data();
+  }
+
+ private:
+  const void* data_ = nullptr;
+  std::vector<float> converted_;
+};
+
+// X [..., K] as fp32 rows of stride ldx >= ceil(K/8)*8 with a zeroed tail, as the sparse kernels require.
+const float* prepare_rows(const void* data, bool is_f16, int64_t m, int64_t k, int64_t ldx, const KernelSet& ks,
+                          std::vector<float>& scratch) {
+  if (!is_f16 && ldx == k) return static_cast<const float*>(data);
+  scratch.assign(static_cast<size_t>(m * ldx), 0.f);
+  for (int64_t i = 0; i < m; ++i) {
+    if (is_f16) {
+      ks.f16_to_f32(static_cast<const uint16_t*>(data) + i * k, scratch.data() + i * ldx, k);
+    } else {
+      const float* src = static_cast<const float*>(data) + i * k;
+      std::copy(src, src + k, scratch.data() + i * ldx);
+    }
+  }
+  return scratch.data();
+}
+
+void expect_shape(const std::string& label, const char* input, const std::vector<int64_t>& got,
+                  const std::vector<int64_t>& want, const char* meaning) {
+  if (got != want) {
+    throw InvalidInput(label + ": input '" + input + "': expected shape " + shape_to_string(want) + " " + meaning +
+                       ", got " + shape_to_string(got));
+  }
+}
+
+void expect_rank(const std::string& label, const char* input, const std::vector<int64_t>& got, size_t rank,
+                 const char* meaning) {
+  if (got.size() != rank) {
+    throw InvalidInput(label + ": input '" + input + "': expected rank " + std::to_string(rank) + " " + meaning +
+                       ", got shape " + shape_to_string(got));
+  }
+}
+
+// X [..., K]: returns M = prod(leading dims).
+int64_t activation_rows(const std::string& label, const std::vector<int64_t>& x_shape, int64_t k) {
+  if (x_shape.empty() || x_shape.back() != k) {
+    std::ostringstream s;
+    s << label << ": input 'X': expected last dimension = in_features = " << k << ", got shape "
+      << shape_to_string(x_shape);
+    throw InvalidInput(s.str());
+  }
+  return element_count(x_shape) / std::max<int64_t>(k, 1);
+}
+
+// Wraps a kernel body so that no C++ exception crosses the C ABI.
+template <typename F>
+OrtStatusPtr guarded(F&& body) {
+  try {
+    body();
+    return nullptr;
+  } catch (const InvalidInput& e) {
+    return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, e.what());
+  } catch (const Ort::Exception& e) {
+    return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
+  } catch (const std::exception& e) {
+    return Ort::GetApi().CreateStatus(ORT_RUNTIME_EXCEPTION, e.what());
+  } catch (...) {
+    return Ort::GetApi().CreateStatus(ORT_RUNTIME_EXCEPTION, "salr_ops: unknown C++ exception");
+  }
+}
+
+// ---------------------------------------------------------------------------------------------- SALRLinear
+
+class SALRLinearKernel {
+ public:
+  SALRLinearKernel(const OrtKernelInfo* ort_info, bool x_f16, ValueType vtype)
+      : x_f16_(x_f16), ks_(best_kernels()) {
+    Ort::ConstKernelInfo info{ort_info};
+    label_ = node_label(info, kSALRLinearOp);
+    k_ = read_in_features(info, label_);
+    weight_.init(info, label_, k_, 1, vtype);
+    a_.init(info, 4, x_f16, ks_);
+    b_.init(info, 5, x_f16, ks_);
+    bias_.init(info, 6, x_f16, ks_);
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return guarded([&] { compute(Ort::KernelContext(context)); });
+  }
+
+ private:
+  void compute(const Ort::KernelContext& ctx) {
+    const SparseWeight w = weight_.get(ctx);
+    const int64_t n = w.rows;
+    Ort::ConstValue x = ctx.GetInput(0);
+    Ort::ConstValue a = ctx.GetInput(4);
+    Ort::ConstValue b = ctx.GetInput(5);
+    Ort::ConstValue bias = ctx.GetInputCount() > 6 ? ctx.GetInput(6) : Ort::ConstValue{nullptr};
+    const std::vector<int64_t> x_shape = shape_of(x);
+    const int64_t m = activation_rows(label_, x_shape, k_);
+    const std::vector<int64_t> a_shape = shape_of(a);
+    const std::vector<int64_t> b_shape = shape_of(b);
+    expect_rank(label_, "A_cat", a_shape, 2, "[R, in_features]");
+    const int64_t rank = a_shape[0];
+    expect_shape(label_, "A_cat", a_shape, {rank, k_}, "[R, in_features]");
+    expect_shape(label_, "B_cat", b_shape, {n, rank}, "[N, R] (N = rows of bitmap, R = rows of A_cat)");
+    if (present(bias)) expect_shape(label_, "bias", shape_of(bias), {n}, "[N]");
+
+    std::vector<int64_t> y_shape(x_shape.begin(), x_shape.end() - 1);
+    y_shape.push_back(n);
+    Ort::UnownedValue y = ctx.GetOutput(0, y_shape);
+    if (m == 0 || n == 0) return;
+
+    std::vector<float> a_tmp, b_tmp, bias_tmp, x_tmp, y_tmp;
+    AdapterTerms ad;
+    ad.rank = rank;
+    if (rank > 0) {
+      ad.a = a_.get(a, rank * k_, x_f16_, ks_, a_tmp);
+      ad.b = b_.get(b, n * rank, x_f16_, ks_, b_tmp);
+    }
+    if (present(bias)) ad.bias = bias_.get(bias, n, x_f16_, ks_, bias_tmp);
+    const int64_t ldx = w.width * 8;
+    const float* xf = prepare_rows(x.GetTensorRawData(), x_f16_, m, k_, ldx, ks_, x_tmp);
+    float* yf = nullptr;
+    if (x_f16_) {
+      y_tmp.resize(static_cast<size_t>(m * n));
+      yf = y_tmp.data();
+    } else {
+      yf = y.GetTensorMutableData<float>();
+    }
+    PoolRunner pool(ctx);
+    sparse_linear(ks_, w, ad, xf, m, ldx, yf, pool.runner());
+    if (x_f16_) ks_.f32_to_f16(yf, static_cast<uint16_t*>(y.GetTensorMutableRawData()), m * n);
+  }
+
+  bool x_f16_;
+  const KernelSet& ks_;
+  std::string label_;
+  int64_t k_ = 0;
+  BitmapWeightInput weight_;
+  FloatInput a_, b_, bias_;
+};
+
+template <ONNXTensorElementDataType TX, ONNXTensorElementDataType TV>
+struct SALRLinearOp : Ort::CustomOpBase<SALRLinearOp<TX, TV>, SALRLinearKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    return guarded([&] { *kernel = new SALRLinearKernel(info, TX == kF16, value_type(TV)); });
+  }
+  const char* GetName() const { return kSALRLinearOp; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 7; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    switch (index) {
+      case 1: return kU8;
+      case 2: return TV;
+      case 3: return kI64;
+      default: return TX;
+    }
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index == 6 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return TX; }
+};
+
+// -------------------------------------------------------------------------------------------- BitmapDecode
+
+class BitmapDecodeKernel {
+ public:
+  BitmapDecodeKernel(const OrtKernelInfo* ort_info, ValueType vtype) {
+    Ort::ConstKernelInfo info{ort_info};
+    label_ = node_label(info, kBitmapDecodeOp);
+    k_ = read_in_features(info, label_);
+    weight_.init(info, label_, k_, 0, vtype);
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return guarded([&] {
+      Ort::KernelContext ctx(context);
+      const SparseWeight w = weight_.get(ctx);
+      Ort::UnownedValue out = ctx.GetOutput(0, {w.rows, w.cols});
+      if (w.rows == 0) return;
+      PoolRunner pool(ctx);
+      bitmap_decode(w, out.GetTensorMutableRawData(), pool.runner());
+    });
+  }
+
+ private:
+  std::string label_;
+  int64_t k_ = 0;
+  BitmapWeightInput weight_;
+};
+
+template <ONNXTensorElementDataType TV>
+struct BitmapDecodeOp : Ort::CustomOpBase<BitmapDecodeOp<TV>, BitmapDecodeKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    return guarded([&] { *kernel = new BitmapDecodeKernel(info, value_type(TV)); });
+  }
+  const char* GetName() const { return kBitmapDecodeOp; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 3; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    return index == 0 ? kU8 : index == 1 ? TV : kI64;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return TV; }
+};
+
+// ---------------------------------------------------------------------------------------- FusedAdapterGemm
+
+class FusedAdapterGemmKernel {
+ public:
+  FusedAdapterGemmKernel(const OrtKernelInfo* ort_info, bool x_f16) : x_f16_(x_f16), ks_(best_kernels()) {
+    Ort::ConstKernelInfo info{ort_info};
+    label_ = node_label(info, kFusedAdapterGemmOp);
+    a_.init(info, 1, x_f16, ks_);
+    b_.init(info, 2, x_f16, ks_);
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return guarded([&] { compute(Ort::KernelContext(context)); });
+  }
+
+ private:
+  void compute(const Ort::KernelContext& ctx) {
+    Ort::ConstValue x = ctx.GetInput(0);
+    Ort::ConstValue a = ctx.GetInput(1);
+    Ort::ConstValue b = ctx.GetInput(2);
+    const std::vector<int64_t> x_shape = shape_of(x);
+    const std::vector<int64_t> a_shape = shape_of(a);
+    const std::vector<int64_t> b_shape = shape_of(b);
+    expect_rank(label_, "A_cat", a_shape, 2, "[R, K]");
+    expect_rank(label_, "B_cat", b_shape, 2, "[N, R]");
+    const int64_t rank = a_shape[0];
+    const int64_t k = a_shape[1];
+    const int64_t n = b_shape[0];
+    expect_shape(label_, "B_cat", b_shape, {n, rank}, "[N, R] (R = rows of A_cat)");
+    if (x_shape.empty() || x_shape.back() != k) {
+      throw InvalidInput(label_ + ": input 'X': expected last dimension K = " + std::to_string(k) +
+                         " (columns of A_cat), got shape " + shape_to_string(x_shape));
+    }
+    std::vector<int64_t> y_shape(x_shape.begin(), x_shape.end() - 1);
+    const int64_t m = element_count(y_shape);  // rows of X, also when K = 0
+    y_shape.push_back(n);
+    Ort::UnownedValue y = ctx.GetOutput(0, y_shape);
+    if (m == 0 || n == 0) return;
+
+    std::vector<float> a_tmp, b_tmp, x_tmp, y_tmp, t(static_cast<size_t>(m * rank));
+    const float* xf = prepare_rows(x.GetTensorRawData(), x_f16_, m, k, k, ks_, x_tmp);
+    float* yf = nullptr;
+    if (x_f16_) {
+      y_tmp.resize(static_cast<size_t>(m * n));
+      yf = y_tmp.data();
+    } else {
+      yf = y.GetTensorMutableData<float>();
+    }
+    PoolRunner pool(ctx);
+    if (rank > 0) {
+      const float* af = a_.get(a, rank * k, x_f16_, ks_, a_tmp);
+      const float* bf = b_.get(b, n * rank, x_f16_, ks_, b_tmp);
+      dense_nt(ks_, m, rank, k, xf, k, af, k, t.data(), rank, pool.runner());
+      dense_nt(ks_, m, n, rank, t.data(), rank, bf, rank, yf, n, pool.runner());
+    } else {
+      std::fill(yf, yf + m * n, 0.f);
+    }
+    if (x_f16_) ks_.f32_to_f16(yf, static_cast<uint16_t*>(y.GetTensorMutableRawData()), m * n);
+  }
+
+  bool x_f16_;
+  const KernelSet& ks_;
+  std::string label_;
+  FloatInput a_, b_;
+};
+
+template <ONNXTensorElementDataType TX>
+struct FusedAdapterGemmOp : Ort::CustomOpBase<FusedAdapterGemmOp<TX>, FusedAdapterGemmKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    return guarded([&] { *kernel = new FusedAdapterGemmKernel(info, TX == kF16); });
+  }
+  const char* GetName() const { return kFusedAdapterGemmOp; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 3; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return TX; }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return TX; }
+};
+
+}  // namespace
+
+void RegisterOps(Ort::CustomOpDomain& domain) {
+  // Static: ORT keeps raw pointers to the OrtCustomOp structs for the life of every session.
+  static const SALRLinearOp<kF32, kF32> salr_f32_f32;
+  static const SALRLinearOp<kF32, kF16> salr_f32_f16;
+  static const SALRLinearOp<kF16, kF16> salr_f16_f16;
+  static const BitmapDecodeOp<kF32> decode_f32;
+  static const BitmapDecodeOp<kF16> decode_f16;
+  static const FusedAdapterGemmOp<kF32> adapter_f32;
+  static const FusedAdapterGemmOp<kF16> adapter_f16;
+  for (const OrtCustomOp* op : std::initializer_list<const OrtCustomOp*>{
+           &salr_f32_f32, &salr_f32_f16, &salr_f16_f16, &decode_f32, &decode_f16, &adapter_f32, &adapter_f16}) {
+    domain.Add(op);
+  }
+}
+
+}  // namespace Cpu
+}  // namespace salr

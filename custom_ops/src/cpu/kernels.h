@@ -1,0 +1,94 @@
+// CPU kernels of the com.salr ops, independent of ONNX Runtime.
+//
+// Nothing here includes ORT headers: the ORT glue (cpu_ops.cc) validates inputs, converts activations to
+// fp32 and hands work to these functions through a Runner, and the standalone NEON test driver
+// (custom_ops/tests/kernel_selftest.cc) calls them with a serial Runner.
+//
+// Contract shared by every kernel (the caller guarantees it; nothing here re-validates):
+// - the SparseWeight passed the checks of format.h (offsets, popcounts, padding bits);
+// - activation rows `x` are fp32 with a row stride `ldx >= width * 8` floats whose tail past K is zero,
+//   so vector loads of whole bitmap groups never leave the buffer and never multiply garbage.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace salr {
+
+enum class ValueType : uint8_t { kFloat32, kFloat16 };
+
+// A validated bitmap-encoded weight W [rows, cols] (DESIGN.md section 2).
+struct SparseWeight {
+  const uint8_t* bitmap = nullptr;      // [rows, width]
+  const void* values = nullptr;         // [nnz], fp16 bits or fp32
+  const int64_t* row_offsets = nullptr;  // [rows + 1]
+  int64_t rows = 0;
+  int64_t cols = 0;
+  int64_t width = 0;  // ceil(cols / 8)
+  int64_t nnz = 0;
+  ValueType vtype = ValueType::kFloat16;
+  // Every aligned group of 4 columns keeps exactly 2 and cols % 8 == 0: each bitmap byte then owns
+  // exactly 4 values, so value offsets are fixed and the popcount chain disappears.
+  bool two_four = false;
+};
+
+// Low-rank adapter and bias of SALRLinear, already in fp32.
+struct AdapterTerms {
+  const float* a = nullptr;  // [rank, K]
+  const float* b = nullptr;  // [N, rank]
+  int64_t rank = 0;
+  const float* bias = nullptr;  // [N] or null
+};
+
+// Runs fn(arg, i) for i in [0, tasks), possibly in parallel; returns after all finished.
+struct Runner {
+  void (*run)(void* self, int64_t tasks, void (*fn)(void*, int64_t), void* arg) = nullptr;
+  void* self = nullptr;
+  void operator()(int64_t tasks, void (*fn)(void*, int64_t), void* arg) const { run(self, tasks, fn, arg); }
+};
+Runner serial_runner();
+
+// One instruction-set flavour of the inner loops. The drivers in sparse_linear.cc pick a set once.
+struct KernelSet {
+  const char* name;
+  // y[n - n0] = W[n, :] . x for n in [n0, n1)  (batch-1 decode step).
+  void (*gemv_rows)(const SparseWeight& w, const float* x, float* y, int64_t n0, int64_t n1);
+  // Expands bitmap bytes [g0, g1) of row n, whose first value is values[pos], into 8 * (g1 - g0)
+  // dense floats. Returns the value position after the last byte.
+  int64_t (*decode_row_f32)(const SparseWeight& w, int64_t n, int64_t g0, int64_t g1, int64_t pos, float* out);
+  // Column indices and fp32 values of the kept entries of row n in bytes [g0, g1). Returns the count.
+  int64_t (*extract_row)(const SparseWeight& w, int64_t n, int64_t g0, int64_t g1, int64_t pos, int32_t* idx,
+                         float* val);
+  // y[i * ldy + j] (+)= x[i, :len] . w[j, :len] for i < m, j < n.
+  void (*dot_nt)(int64_t m, int64_t n, int64_t len, const float* x, int64_t ldx, const float* w, int64_t ldw,
+                 float* y, int64_t ldy, bool accumulate);
+  // acc[0 : 8 * nvec] += sum_i val[i] * xt[idx[i] * stride : ... + 8 * nvec].
+  void (*axpy_block)(const int32_t* idx, const float* val, int64_t cnt, const float* xt, int64_t stride,
+                     float* acc, int nvec);
+  void (*f16_to_f32)(const uint16_t* src, float* dst, int64_t n);
+  void (*f32_to_f16)(const float* src, uint16_t* dst, int64_t n);
+};
+
+const KernelSet& scalar_kernels();
+const KernelSet* avx2_kernels();  // null unless built for x86-64
+const KernelSet* neon_kernels();  // null unless built for aarch64
+// The fastest set this CPU runs. $SALR_KERNELS=scalar|avx2|neon forces one; it is read on every call
+// (kernels pick their set when ORT constructs them), so tests can compare sets in one process.
+const KernelSet& best_kernels();
+
+// Y [m, N] = X [m, K] W^T + (X A^T) B^T + bias, all fp32. y has row stride N.
+void sparse_linear(const KernelSet& ks, const SparseWeight& w, const AdapterTerms& ad, const float* x, int64_t m,
+                   int64_t ldx, float* y, const Runner& runner);
+
+// Y [m, n] = X [m, len] W [n, len]^T, fp32, parallel over n (and over m when n is small).
+void dense_nt(const KernelSet& ks, int64_t m, int64_t n, int64_t len, const float* x, int64_t ldx, const float* w,
+              int64_t ldw, float* y, int64_t ldy, const Runner& runner);
+
+// W [rows, cols] dense, in the values' own type (fp16 bits or fp32).
+void bitmap_decode(const SparseWeight& w, void* out, const Runner& runner);
+
+// IEEE half <-> float, round to nearest even; portable reference used by the scalar set.
+float half_to_float(uint16_t h);
+uint16_t float_to_half(float f);
+
+}  // namespace salr

@@ -1,0 +1,525 @@
+// x86-64 AVX2 + FMA + F16C kernels, chosen at run time (the library itself is built for baseline x86-64).
+//
+// Everything after the target pragma is compiled for AVX2 and lives in an anonymous namespace: no inline
+// function or template instantiation from this file can be picked by the linker for code that runs on a
+// CPU without AVX2. Only avx2_kernels() is visible, and it checks the CPU before handing the set out.
+#if defined(__x86_64__)
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "kernels.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,popcnt,bmi,bmi2")
+
+namespace salr {
+namespace {
+
+// Lookup tables indexed by a bitmap byte b (bit j <-> column 8g + j). The rank of column j is the number of
+// kept columns before it, i.e. the index of its value among the byte's values.
+struct Tables {
+  // pshufb control: lane j takes fp16 value rank(j) (bytes 2r, 2r+1); 0x80 zeroes the lanes of unset bits,
+  // so the shuffle itself produces the zeros and no blend or mask is needed.
+  alignas(16) uint8_t expand_f16[256][16];
+  // vpermps control (rank of lane j) and the mask that zeroes lanes of unset bits, for fp32 values.
+  alignas(32) int32_t perm_f32[256][8];
+  alignas(32) int32_t mask_f32[256][8];
+  // 2:4 fp16 path: vpermilps controls that gather, per 128-bit half (one nibble = 4 columns each), the x
+  // of the 2 kept columns into lanes 0-1 / 4-5 (first byte of a pair) or 2-3 / 6-7 (second byte).
+  alignas(32) int32_t gather24_lo[256][8];
+  alignas(32) int32_t gather24_hi[256][8];
+  // Columns of the set bits, compacted (extract_row).
+  alignas(8) uint8_t positions[256][8];
+  // Bytes of values a bitmap byte owns: the value pointer then advances with one add.
+  uint8_t bytes_f16[256];
+  uint8_t bytes_f32[256];
+  constexpr Tables()
+      : expand_f16(),
+        perm_f32(),
+        mask_f32(),
+        gather24_lo(),
+        gather24_hi(),
+        positions(),
+        bytes_f16(),
+        bytes_f32() {
+    for (int b = 0; b < 256; ++b) {
+      for (int half = 0; half < 2; ++half) {
+        int slot = 0;
+        for (int j = 0; j < 4 && slot < 2; ++j) {
+          if ((b >> (4 * half + j)) & 1) {
+            gather24_lo[b][4 * half + slot] = j;
+            gather24_hi[b][4 * half + 2 + slot] = j;
+            ++slot;
+          }
+        }
+      }
+      int r = 0;
+      for (int j = 0; j < 8; ++j) {
+        if ((b >> j) & 1) {
+          expand_f16[b][2 * j] = static_cast<uint8_t>(2 * r);
+          expand_f16[b][2 * j + 1] = static_cast<uint8_t>(2 * r + 1);
+          perm_f32[b][j] = r;
+          mask_f32[b][j] = -1;
+          positions[b][r] = static_cast<uint8_t>(j);
+          ++r;
+        } else {
+          expand_f16[b][2 * j] = expand_f16[b][2 * j + 1] = 0x80;
+          perm_f32[b][j] = 0;
+          mask_f32[b][j] = 0;
+        }
+      }
+      bytes_f16[b] = static_cast<uint8_t>(2 * r);
+      bytes_f32[b] = static_cast<uint8_t>(4 * r);
+    }
+  }
+};
+constexpr Tables kTab;
+
+// Distances of the software prefetches (DESIGN.md section 5: without them even L3-resident data streams at
+// DRAM speed; the hardware prefetcher does not follow several interleaved streams of irregular stride).
+constexpr int64_t kPrefetchValueBytes = 8192;
+constexpr int64_t kPrefetchBitmapBytes = 2048;
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Dense 8 lanes of one bitmap byte from fp16 values at p (reads 16 bytes: caller guarantees they exist).
+inline __m256 expand_f16(const uint8_t* p, unsigned b) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i ctl = _mm_load_si128(reinterpret_cast<const __m128i*>(kTab.expand_f16[b]));
+  return _mm256_cvtph_ps(_mm_shuffle_epi8(raw, ctl));
+}
+
+// Same for fp32 values (reads 32 bytes).
+inline __m256 expand_f32(const uint8_t* p, unsigned b) {
+  const __m256 raw = _mm256_loadu_ps(reinterpret_cast<const float*>(p));
+  const __m256 w = _mm256_permutevar8x32_ps(raw, _mm256_load_si256(reinterpret_cast<const __m256i*>(kTab.perm_f32[b])));
+  return _mm256_and_ps(w, _mm256_load_ps(reinterpret_cast<const float*>(kTab.mask_f32[b])));
+}
+
+template <ValueType V>
+inline __m256 expand(const uint8_t* p, unsigned b) {
+  if constexpr (V == ValueType::kFloat16) {
+    return expand_f16(p, b);
+  } else {
+    return expand_f32(p, b);
+  }
+}
+
+template <ValueType V>
+inline unsigned value_bytes(unsigned b) {
+  return V == ValueType::kFloat16 ? kTab.bytes_f16[b] : kTab.bytes_f32[b];
+}
+
+template <ValueType V>
+constexpr int64_t kValueSize = V == ValueType::kFloat16 ? 2 : 4;
+
+// R rows (1 or 2) of an unstructured bitmap against one x: the rows share every x load, and their value
+// pointers form independent add chains, so the core overlaps two decode streams.
+template <ValueType V, int R>
+inline void rows_unstructured(const uint8_t* const* bm, const uint8_t** vp, const float* x, int64_t width,
+                              float* out) {
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  const uint8_t* v[R];
+  for (int r = 0; r < R; ++r) v[r] = vp[r];
+  int64_t g = 0;
+  for (; g + 2 <= width; g += 2) {
+    if ((g & 15) == 0) {
+      for (int r = 0; r < R; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(v[r] + kPrefetchValueBytes), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(v[r] + kPrefetchValueBytes + 64), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(bm[r] + g + kPrefetchBitmapBytes), _MM_HINT_T0);
+      }
+    }
+    const __m256 x0 = _mm256_loadu_ps(x + 8 * g);
+    const __m256 x1 = _mm256_loadu_ps(x + 8 * g + 8);
+    for (int r = 0; r < R; ++r) {
+      const unsigned b0 = bm[r][g];
+      const unsigned b1 = bm[r][g + 1];
+      const __m256 w0 = expand<V>(v[r], b0);
+      v[r] += value_bytes<V>(b0);
+      const __m256 w1 = expand<V>(v[r], b1);
+      v[r] += value_bytes<V>(b1);
+      acc[r][0] = _mm256_fmadd_ps(w0, x0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(w1, x1, acc[r][1]);
+    }
+  }
+  if (g < width) {
+    const __m256 x0 = _mm256_loadu_ps(x + 8 * g);
+    for (int r = 0; r < R; ++r) {
+      const unsigned b0 = bm[r][g];
+      acc[r][0] = _mm256_fmadd_ps(expand<V>(v[r], b0), x0, acc[r][0]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+}
+
+// The 4 fp32 values of a 2:4 byte b, in lanes 0-3 of `four`, moved to the lanes of their columns.
+inline __m256 expand4_f32(__m256 four, unsigned b) {
+  return _mm256_and_ps(
+      _mm256_permutevar8x32_ps(four, _mm256_load_si256(reinterpret_cast<const __m256i*>(kTab.perm_f32[b]))),
+      _mm256_load_ps(reinterpret_cast<const float*>(kTab.mask_f32[b])));
+}
+
+// 2:4 rows with fp32 values: every byte owns exactly 4 values, so byte g's values start at 4g and one
+// 32-byte load feeds two bytes (16 columns) with no popcount chain.
+template <int R>
+inline void rows_two_four_f32(const uint8_t* const* bm, const uint8_t** vp, const float* x, int64_t width,
+                              float* out) {
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 2 <= width; g += 2) {
+    if ((g & 15) == 0) {
+      for (int r = 0; r < R; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(vp[r] + 16 * g + kPrefetchValueBytes), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(vp[r] + 16 * g + kPrefetchValueBytes + 64), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(bm[r] + g + kPrefetchBitmapBytes), _MM_HINT_T0);
+      }
+    }
+    const __m256 x0 = _mm256_loadu_ps(x + 8 * g);
+    const __m256 x1 = _mm256_loadu_ps(x + 8 * g + 8);
+    for (int r = 0; r < R; ++r) {
+      const __m256 raw = _mm256_loadu_ps(reinterpret_cast<const float*>(vp[r] + 16 * g));  // b0's 4 | b1's 4
+      acc[r][0] = _mm256_fmadd_ps(expand4_f32(raw, bm[r][g]), x0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(expand4_f32(_mm256_permute2f128_ps(raw, raw, 0x11), bm[r][g + 1]), x1, acc[r][1]);
+    }
+  }
+  if (g < width) {  // odd width: the last byte's 4 values are the last values of the row, load only them
+    const __m256 x0 = _mm256_loadu_ps(x + 8 * g);
+    for (int r = 0; r < R; ++r) {
+      const __m256 raw = _mm256_castps128_ps256(_mm_loadu_ps(reinterpret_cast<const float*>(vp[r] + 16 * g)));
+      acc[r][0] = _mm256_fmadd_ps(expand4_f32(raw, bm[r][g]), x0, acc[r][0]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+}
+
+// 2:4 rows with fp16 values. Instead of expanding w to 16 lanes (two conversions per 16 columns), the 8
+// values of a byte pair become 8 fp32 lanes with one conversion and the x of their columns are gathered
+// in-lane (vpermilps: each 128-bit half holds one nibble = one group of 4 columns). Values arrive as
+// [b0 lo, b0 hi, b1 lo, b1 hi] (2 each); a fixed byte shuffle orders them like the gathered x:
+// [b0 lo, b1 lo | b0 hi, b1 hi]. Two pairs per iteration feed two accumulators per row, so the FMA latency
+// chain is not the bound.
+// One byte pair (16 columns) of a 2:4 fp16 row: values at v, bitmap bytes b0, b1, x of the columns in xa, xb.
+inline __m256 pair_two_four_f16(const uint8_t* v, unsigned b0, unsigned b1, __m256 xa, __m256 xb, __m128i order) {
+  const __m256 w = _mm256_cvtph_ps(_mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)), order));
+  const __m256 ga = _mm256_permutevar_ps(xa, _mm256_load_si256(reinterpret_cast<const __m256i*>(kTab.gather24_lo[b0])));
+  const __m256 gb = _mm256_permutevar_ps(xb, _mm256_load_si256(reinterpret_cast<const __m256i*>(kTab.gather24_hi[b1])));
+  return _mm256_mul_ps(w, _mm256_blend_ps(ga, gb, 0xCC));
+}
+
+template <int R>
+inline void rows_two_four_f16(const uint8_t* const* bm, const uint8_t** vp, const float* x, int64_t width,
+                              float* out) {
+  const __m128i order = _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15);
+  __m256 a0[R], a1[R];
+  for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 4 <= width; g += 4) {
+    if ((g & 15) == 0) {
+      for (int r = 0; r < R; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(vp[r] + 8 * g + kPrefetchValueBytes), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(bm[r] + g + kPrefetchBitmapBytes), _MM_HINT_T0);
+      }
+    }
+    const __m256 x0 = _mm256_loadu_ps(x + 8 * g);
+    const __m256 x1 = _mm256_loadu_ps(x + 8 * g + 8);
+    const __m256 x2 = _mm256_loadu_ps(x + 8 * g + 16);
+    const __m256 x3 = _mm256_loadu_ps(x + 8 * g + 24);
+    for (int r = 0; r < R; ++r) {
+      const __m128i raw0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(vp[r] + 8 * g));
+      const __m128i raw1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(vp[r] + 8 * g + 16));
+      const __m256 w0 = _mm256_cvtph_ps(_mm_shuffle_epi8(raw0, order));
+      const __m256 w1 = _mm256_cvtph_ps(_mm_shuffle_epi8(raw1, order));
+      const __m256 g0 = _mm256_blend_ps(
+          _mm256_permutevar_ps(x0, _mm256_load_si256(reinterpret_cast<const __m256i*>(kTab.gather24_lo[bm[r][g]]))),
+          _mm256_permutevar_ps(x1, _mm256_load_si256(reinterpret_cast<const __m256i*>(kTab.gather24_hi[bm[r][g + 1]]))),
+          0xCC);
+      const __m256 g1 = _mm256_blend_ps(
+          _mm256_permutevar_ps(x2, _mm256_load_si256(reinterpret_cast<const __m256i*>(kTab.gather24_lo[bm[r][g + 2]]))),
+          _mm256_permutevar_ps(x3, _mm256_load_si256(reinterpret_cast<const __m256i*>(kTab.gather24_hi[bm[r][g + 3]]))),
+          0xCC);
+      a0[r] = _mm256_fmadd_ps(w0, g0, a0[r]);
+      a1[r] = _mm256_fmadd_ps(w1, g1, a1[r]);
+    }
+  }
+  for (; g + 2 <= width; g += 2) {
+    const __m256 x0 = _mm256_loadu_ps(x + 8 * g);
+    const __m256 x1 = _mm256_loadu_ps(x + 8 * g + 8);
+    for (int r = 0; r < R; ++r) {
+      a0[r] = _mm256_add_ps(a0[r], pair_two_four_f16(vp[r] + 8 * g, bm[r][g], bm[r][g + 1], x0, x1, order));
+    }
+  }
+  if (g < width) {  // odd width: the last byte's 4 values are the last values of the row, load only them
+    const __m256 x0 = _mm256_loadu_ps(x + 8 * g);
+    for (int r = 0; r < R; ++r) {
+      const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(vp[r] + 8 * g));
+      const __m256 w = _mm256_cvtph_ps(_mm_shuffle_epi8(raw, _mm_load_si128(reinterpret_cast<const __m128i*>(kTab.expand_f16[bm[r][g]]))));
+      a0[r] = _mm256_fmadd_ps(w, x0, a0[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(_mm256_add_ps(a0[r], a1[r]));
+}
+
+// One row with scalar decoding: the last rows of the matrix, whose vector loads would run past `values`.
+template <ValueType V>
+float row_tail(const SparseWeight& w, int64_t n, const float* x) {
+  const uint8_t* row = w.bitmap + n * w.width;
+  int64_t pos = w.row_offsets[n];
+  float acc = 0.f;
+  for (int64_t g = 0; g < w.width; ++g) {
+    unsigned b = row[g];
+    while (b) {
+      const int j = __builtin_ctz(b);
+      float v;
+      if constexpr (V == ValueType::kFloat16) {
+        v = _cvtsh_ss(static_cast<const uint16_t*>(w.values)[pos++]);
+      } else {
+        v = static_cast<const float*>(w.values)[pos++];
+      }
+      acc += v * x[8 * g + j];
+      b &= b - 1;
+    }
+  }
+  return acc;
+}
+
+template <ValueType V>
+void gemv_rows_t(const SparseWeight& w, const float* x, float* y, int64_t n0, int64_t n1) {
+  const uint8_t* values = static_cast<const uint8_t*>(w.values);
+  const int64_t* off = w.row_offsets;
+  // Unstructured loads read up to 8 values from the current position; only rows ending within 8 values of
+  // the end of `values` cannot use them. 2:4 loads stay inside their row.
+  const int64_t safe_end = w.two_four ? w.nnz : w.nnz - 8;
+  int64_t n = n0;
+  for (; n + 2 <= n1 && off[n + 2] <= safe_end; n += 2) {
+    const uint8_t* bm[2] = {w.bitmap + n * w.width, w.bitmap + (n + 1) * w.width};
+    const uint8_t* vp[2] = {values + off[n] * kValueSize<V>, values + off[n + 1] * kValueSize<V>};
+    if (w.two_four && V == ValueType::kFloat16) {
+      rows_two_four_f16<2>(bm, vp, x, w.width, y + (n - n0));
+    } else if (w.two_four) {
+      rows_two_four_f32<2>(bm, vp, x, w.width, y + (n - n0));
+    } else {
+      rows_unstructured<V, 2>(bm, vp, x, w.width, y + (n - n0));
+    }
+  }
+  for (; n < n1; ++n) {
+    if (off[n + 1] <= safe_end) {
+      const uint8_t* bm[1] = {w.bitmap + n * w.width};
+      const uint8_t* vp[1] = {values + off[n] * kValueSize<V>};
+      if (w.two_four && V == ValueType::kFloat16) {
+        rows_two_four_f16<1>(bm, vp, x, w.width, y + (n - n0));
+      } else if (w.two_four) {
+        rows_two_four_f32<1>(bm, vp, x, w.width, y + (n - n0));
+      } else {
+        rows_unstructured<V, 1>(bm, vp, x, w.width, y + (n - n0));
+      }
+    } else {
+      y[n - n0] = row_tail<V>(w, n, x);
+    }
+  }
+}
+
+void gemv_rows(const SparseWeight& w, const float* x, float* y, int64_t n0, int64_t n1) {
+  if (w.vtype == ValueType::kFloat16) {
+    gemv_rows_t<ValueType::kFloat16>(w, x, y, n0, n1);
+  } else {
+    gemv_rows_t<ValueType::kFloat32>(w, x, y, n0, n1);
+  }
+}
+
+template <ValueType V>
+int64_t decode_row_t(const SparseWeight& w, int64_t n, int64_t g0, int64_t g1, int64_t pos, float* out) {
+  const uint8_t* row = w.bitmap + n * w.width;
+  const uint8_t* values = static_cast<const uint8_t*>(w.values);
+  for (int64_t g = g0; g < g1; ++g) {
+    const unsigned b = row[g];
+    if (pos + 8 <= w.nnz) {
+      _mm256_storeu_ps(out, expand<V>(values + pos * kValueSize<V>, b));
+      pos += __builtin_popcount(b);
+    } else {
+      for (int j = 0; j < 8; ++j) {
+        float v = 0.f;
+        if ((b >> j) & 1u) {
+          if constexpr (V == ValueType::kFloat16) {
+            v = _cvtsh_ss(static_cast<const uint16_t*>(w.values)[pos++]);
+          } else {
+            v = static_cast<const float*>(w.values)[pos++];
+          }
+        }
+        out[j] = v;
+      }
+    }
+    out += 8;
+  }
+  return pos;
+}
+
+int64_t decode_row_f32(const SparseWeight& w, int64_t n, int64_t g0, int64_t g1, int64_t pos, float* out) {
+  return w.vtype == ValueType::kFloat16 ? decode_row_t<ValueType::kFloat16>(w, n, g0, g1, pos, out)
+                                        : decode_row_t<ValueType::kFloat32>(w, n, g0, g1, pos, out);
+}
+
+void f16_to_f32(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  }
+  for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i]);
+}
+
+void f32_to_f16(const float* src, uint16_t* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  for (; i < n; ++i) dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+int64_t extract_row(const SparseWeight& w, int64_t n, int64_t g0, int64_t g1, int64_t pos, int32_t* idx,
+                    float* val) {
+  const uint8_t* row = w.bitmap + n * w.width;
+  int64_t cnt = 0;
+  for (int64_t g = g0; g < g1; ++g) {
+    const unsigned b = row[g];
+    const __m256i cols = _mm256_add_epi32(
+        _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kTab.positions[b]))),
+        _mm256_set1_epi32(static_cast<int32_t>(8 * g)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + cnt), cols);  // idx holds 8 * (g1 - g0) entries
+    cnt += __builtin_popcount(b);
+  }
+  if (w.vtype == ValueType::kFloat16) {
+    f16_to_f32(static_cast<const uint16_t*>(w.values) + pos, val, cnt);
+  } else if (cnt > 0) {  // values may be null when the weight keeps nothing
+    std::memcpy(val, static_cast<const float*>(w.values) + pos, sizeof(float) * cnt);
+  }
+  return cnt;
+}
+
+// Register-blocked y[i][j] (+)= x_i . w_j for MI activation rows and NJ weight rows.
+template <int MI, int NJ>
+inline void dot_block(int64_t len, const float* x, int64_t ldx, const float* w, int64_t ldw, float* y, int64_t ldy,
+                      bool accumulate) {
+  __m256 acc[MI][NJ];
+  for (int i = 0; i < MI; ++i)
+    for (int j = 0; j < NJ; ++j) acc[i][j] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= len; k += 8) {
+    __m256 wv[NJ];
+    for (int j = 0; j < NJ; ++j) wv[j] = _mm256_loadu_ps(w + j * ldw + k);
+    for (int i = 0; i < MI; ++i) {
+      const __m256 xv = _mm256_loadu_ps(x + i * ldx + k);
+      for (int j = 0; j < NJ; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MI; ++i) {
+    for (int j = 0; j < NJ; ++j) {
+      float s = hsum(acc[i][j]);
+      for (int64_t t = k; t < len; ++t) s += x[i * ldx + t] * w[j * ldw + t];
+      y[i * ldy + j] = accumulate ? y[i * ldy + j] + s : s;
+    }
+  }
+}
+
+template <int MI>
+inline void dot_rows(int64_t n, int64_t len, const float* x, int64_t ldx, const float* w, int64_t ldw, float* y,
+                     int64_t ldy, bool accumulate) {
+  // One activation row has a single FMA chain per output: four weight rows keep four chains in flight.
+  constexpr int kNJ = MI == 1 ? 4 : 2;
+  int64_t j = 0;
+  for (; j + kNJ <= n; j += kNJ) dot_block<MI, kNJ>(len, x, ldx, w + j * ldw, ldw, y + j, ldy, accumulate);
+  for (; j < n; ++j) dot_block<MI, 1>(len, x, ldx, w + j * ldw, ldw, y + j, ldy, accumulate);
+}
+
+void dot_nt(int64_t m, int64_t n, int64_t len, const float* x, int64_t ldx, const float* w, int64_t ldw, float* y,
+            int64_t ldy, bool accumulate) {
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) dot_rows<4>(n, len, x + i * ldx, ldx, w, ldw, y + i * ldy, ldy, accumulate);
+  switch (m - i) {
+    case 3: dot_rows<3>(n, len, x + i * ldx, ldx, w, ldw, y + i * ldy, ldy, accumulate); break;
+    case 2: dot_rows<2>(n, len, x + i * ldx, ldx, w, ldw, y + i * ldy, ldy, accumulate); break;
+    case 1: dot_rows<1>(n, len, x + i * ldx, ldx, w, ldw, y + i * ldy, ldy, accumulate); break;
+    default: break;
+  }
+}
+
+// acc[0 : 8 NV] += val[i] * xt[idx[i] * stride ...]. The accumulators are named variables, not an array:
+// GCC does not keep an array of 8 __m256 in registers and would store all of them on every iteration.
+// Narrow blocks (NV <= 4) alternate two accumulator sets so that one FMA chain's latency hides behind the
+// other's.
+#define SALR_ACC_LIST(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
+template <int NV>
+inline void axpy_nv(const int32_t* idx, const float* val, int64_t cnt, const float* xt, int64_t stride, float* acc) {
+#define SALR_DECL(q) __m256 a##q = NV > q ? _mm256_loadu_ps(acc + 8 * q) : _mm256_setzero_ps(); \
+  __m256 b##q = _mm256_setzero_ps();
+  SALR_ACC_LIST(SALR_DECL)
+#undef SALR_DECL
+  int64_t i = 0;
+  if constexpr (NV <= 4) {
+    for (; i + 2 <= cnt; i += 2) {
+      const __m256 v0 = _mm256_broadcast_ss(val + i);
+      const __m256 v1 = _mm256_broadcast_ss(val + i + 1);
+      const float* x0 = xt + static_cast<int64_t>(idx[i]) * stride;
+      const float* x1 = xt + static_cast<int64_t>(idx[i + 1]) * stride;
+#define SALR_STEP(q) if constexpr (NV > q) { a##q = _mm256_fmadd_ps(v0, _mm256_loadu_ps(x0 + 8 * q), a##q); \
+                                            b##q = _mm256_fmadd_ps(v1, _mm256_loadu_ps(x1 + 8 * q), b##q); }
+      SALR_ACC_LIST(SALR_STEP)
+#undef SALR_STEP
+    }
+  }
+  for (; i < cnt; ++i) {
+    const __m256 v = _mm256_broadcast_ss(val + i);
+    const float* xp = xt + static_cast<int64_t>(idx[i]) * stride;
+#define SALR_STEP(q) if constexpr (NV > q) a##q = _mm256_fmadd_ps(v, _mm256_loadu_ps(xp + 8 * q), a##q);
+    SALR_ACC_LIST(SALR_STEP)
+#undef SALR_STEP
+  }
+#define SALR_STORE(q) if constexpr (NV > q) _mm256_storeu_ps(acc + 8 * q, _mm256_add_ps(a##q, b##q));
+  SALR_ACC_LIST(SALR_STORE)
+#undef SALR_STORE
+}
+#undef SALR_ACC_LIST
+
+void axpy_block(const int32_t* idx, const float* val, int64_t cnt, const float* xt, int64_t stride, float* acc,
+                int nvec) {
+  switch (nvec) {
+    case 1: axpy_nv<1>(idx, val, cnt, xt, stride, acc); break;
+    case 2: axpy_nv<2>(idx, val, cnt, xt, stride, acc); break;
+    case 3: axpy_nv<3>(idx, val, cnt, xt, stride, acc); break;
+    case 4: axpy_nv<4>(idx, val, cnt, xt, stride, acc); break;
+    case 5: axpy_nv<5>(idx, val, cnt, xt, stride, acc); break;
+    case 6: axpy_nv<6>(idx, val, cnt, xt, stride, acc); break;
+    case 7: axpy_nv<7>(idx, val, cnt, xt, stride, acc); break;
+    default: axpy_nv<8>(idx, val, cnt, xt, stride, acc); break;
+  }
+}
+
+const KernelSet kAvx2 = {"avx2", gemv_rows, decode_row_f32, extract_row, dot_nt, axpy_block, f16_to_f32, f32_to_f16};
+
+}  // namespace
+}  // namespace salr
+
+#pragma GCC pop_options
+
+namespace salr {
+
+const KernelSet* avx2_kernels() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c") && __builtin_cpu_supports("popcnt") &&
+                         __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
+  return ok ? &kAvx2 : nullptr;
+}
+
+}  // namespace salr
+
+#endif  // __x86_64__

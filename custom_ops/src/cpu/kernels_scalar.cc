@@ -1,0 +1,200 @@
+// Portable kernels: the reference every SIMD set is tested against, and the fallback on CPUs without one.
+#include <cstdlib>
+#include <cstring>
+
+#include "kernels.h"
+
+namespace salr {
+
+float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t mant = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0) {
+    if (mant == 0) {
+      bits = sign;
+    } else {  // subnormal half: mant * 2^-24 is exact in float
+      const float f = static_cast<float>(mant) * (1.0f / 16777216.0f);
+      return sign ? -f : f;
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | (mant << 13);
+  } else {
+    bits = sign | ((exp + 112u) << 23) | (mant << 13);
+  }
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+
+// Round to nearest even, as F16C's vcvtps2ph with imm 0 does, so every kernel set rounds alike.
+uint16_t float_to_half(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint32_t sign = u & 0x80000000u;
+  u ^= sign;
+  uint32_t o;
+  if (u >= (127u + 16u) << 23) {  // |f| >= 65536, inf or nan
+    o = u > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  } else if (u < 113u << 23) {  // result is subnormal or zero: let float addition do the rounding
+    const uint32_t magic_bits = ((127u - 15u) + (23u - 10u) + 1u) << 23;
+    float magic;
+    std::memcpy(&magic, &magic_bits, 4);
+    float a;
+    std::memcpy(&a, &u, 4);
+    a += magic;
+    uint32_t ab;
+    std::memcpy(&ab, &a, 4);
+    o = ab - magic_bits;
+  } else {
+    const uint32_t mant_odd = (u >> 13) & 1u;
+    u += ((15u - 127u) << 23) + 0xfffu;
+    u += mant_odd;
+    o = u >> 13;
+  }
+  return static_cast<uint16_t>(o | (sign >> 16));
+}
+
+namespace {
+
+template <ValueType V>
+inline float value_at(const void* values, int64_t i) {
+  if constexpr (V == ValueType::kFloat16) {
+    return half_to_float(static_cast<const uint16_t*>(values)[i]);
+  } else {
+    return static_cast<const float*>(values)[i];
+  }
+}
+
+template <ValueType V>
+void gemv_rows_t(const SparseWeight& w, const float* x, float* y, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w.bitmap + n * w.width;
+    int64_t pos = w.row_offsets[n];
+    float acc = 0.f;
+    for (int64_t g = 0; g < w.width; ++g) {
+      unsigned b = row[g];
+      while (b) {
+        const int j = __builtin_ctz(b);
+        acc += value_at<V>(w.values, pos++) * x[8 * g + j];
+        b &= b - 1;
+      }
+    }
+    y[n - n0] = acc;
+  }
+}
+
+void gemv_rows(const SparseWeight& w, const float* x, float* y, int64_t n0, int64_t n1) {
+  if (w.vtype == ValueType::kFloat16) {
+    gemv_rows_t<ValueType::kFloat16>(w, x, y, n0, n1);
+  } else {
+    gemv_rows_t<ValueType::kFloat32>(w, x, y, n0, n1);
+  }
+}
+
+template <ValueType V>
+int64_t decode_row_t(const SparseWeight& w, int64_t n, int64_t g0, int64_t g1, int64_t pos, float* out) {
+  const uint8_t* row = w.bitmap + n * w.width;
+  for (int64_t g = g0; g < g1; ++g) {
+    const unsigned b = row[g];
+    for (int j = 0; j < 8; ++j) *out++ = ((b >> j) & 1u) ? value_at<V>(w.values, pos++) : 0.f;
+  }
+  return pos;
+}
+
+int64_t decode_row_f32(const SparseWeight& w, int64_t n, int64_t g0, int64_t g1, int64_t pos, float* out) {
+  return w.vtype == ValueType::kFloat16 ? decode_row_t<ValueType::kFloat16>(w, n, g0, g1, pos, out)
+                                        : decode_row_t<ValueType::kFloat32>(w, n, g0, g1, pos, out);
+}
+
+template <ValueType V>
+int64_t extract_row_t(const SparseWeight& w, int64_t n, int64_t g0, int64_t g1, int64_t pos, int32_t* idx,
+                      float* val) {
+  const uint8_t* row = w.bitmap + n * w.width;
+  int64_t cnt = 0;
+  for (int64_t g = g0; g < g1; ++g) {
+    unsigned b = row[g];
+    while (b) {
+      idx[cnt] = static_cast<int32_t>(8 * g + __builtin_ctz(b));
+      val[cnt] = value_at<V>(w.values, pos + cnt);
+      ++cnt;
+      b &= b - 1;
+    }
+  }
+  return cnt;
+}
+
+int64_t extract_row(const SparseWeight& w, int64_t n, int64_t g0, int64_t g1, int64_t pos, int32_t* idx,
+                    float* val) {
+  return w.vtype == ValueType::kFloat16 ? extract_row_t<ValueType::kFloat16>(w, n, g0, g1, pos, idx, val)
+                                        : extract_row_t<ValueType::kFloat32>(w, n, g0, g1, pos, idx, val);
+}
+
+void dot_nt(int64_t m, int64_t n, int64_t len, const float* x, int64_t ldx, const float* w, int64_t ldw, float* y,
+            int64_t ldy, bool accumulate) {
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      const float* xi = x + i * ldx;
+      const float* wj = w + j * ldw;
+      float acc = 0.f;
+      for (int64_t k = 0; k < len; ++k) acc += xi[k] * wj[k];
+      y[i * ldy + j] = accumulate ? y[i * ldy + j] + acc : acc;
+    }
+  }
+}
+
+void axpy_block(const int32_t* idx, const float* val, int64_t cnt, const float* xt, int64_t stride, float* acc,
+                int nvec) {
+  const int len = 8 * nvec;
+  for (int64_t i = 0; i < cnt; ++i) {
+    const float v = val[i];
+    const float* xp = xt + static_cast<int64_t>(idx[i]) * stride;
+    for (int j = 0; j < len; ++j) acc[j] += v * xp[j];
+  }
+}
+
+void f16_to_f32(const uint16_t* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = half_to_float(src[i]);
+}
+
+void f32_to_f16(const float* src, uint16_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = float_to_half(src[i]);
+}
+
+void run_serial(void*, int64_t tasks, void (*fn)(void*, int64_t), void* arg) {
+  for (int64_t i = 0; i < tasks; ++i) fn(arg, i);
+}
+
+}  // namespace
+
+Runner serial_runner() {
+  Runner r;
+  r.run = run_serial;
+  return r;
+}
+
+const KernelSet& scalar_kernels() {
+  static const KernelSet ks = {"scalar", gemv_rows, decode_row_f32, extract_row, dot_nt,
+                               axpy_block, f16_to_f32, f32_to_f16};
+  return ks;
+}
+
+#if !defined(__x86_64__)
+const KernelSet* avx2_kernels() { return nullptr; }
+#endif
+#if !defined(__aarch64__)
+const KernelSet* neon_kernels() { return nullptr; }
+#endif
+
+const KernelSet& best_kernels() {
+  const char* force = std::getenv("SALR_KERNELS");
+  if (force && std::strcmp(force, "scalar") == 0) return scalar_kernels();
+  if (force && std::strcmp(force, "avx2") == 0 && avx2_kernels()) return *avx2_kernels();
+  if (force && std::strcmp(force, "neon") == 0 && neon_kernels()) return *neon_kernels();
+  if (const KernelSet* ks = avx2_kernels()) return *ks;
+  if (const KernelSet* ks = neon_kernels()) return *ks;
+  return scalar_kernels();
+}
+
+}  // namespace salr

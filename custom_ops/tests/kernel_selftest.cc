@@ -1,0 +1,271 @@
+// Standalone check of the CPU kernel sets, without ONNX Runtime: every set this build has (scalar always,
+// AVX2 on x86-64, NEON on aarch64) runs SALRLinear / FusedAdapterGemm / BitmapDecode on random odd-shaped
+// layers and is compared with a float64 reference. Used by scripts/neon_cross_test.sh under qemu-aarch64,
+// and as a quick timing tool: `kernel_selftest --bench N K M [sparsity|2:4] [f16|f32]`.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "format.h"
+#include "kernels.h"
+
+using namespace salr;
+
+namespace {
+
+struct Layer {
+  int64_t n, k;
+  ValueType vt;
+  std::vector<uint8_t> bitmap;
+  std::vector<uint16_t> v16;
+  std::vector<float> v32;
+  std::vector<int64_t> off;
+  std::vector<double> dense;  // decoded W, exact
+  SparseWeight w;
+};
+
+Layer make_layer(std::mt19937& rng, int64_t n, int64_t k, double density, bool two_four, ValueType vt) {
+  Layer L{n, k, vt, {}, {}, {}, {}, {}, {}};
+  const int64_t width = (k + 7) / 8;
+  L.bitmap.assign(n * width, 0);
+  L.dense.assign(n * k, 0.0);
+  L.off.assign(n + 1, 0);
+  std::uniform_real_distribution<double> u(0, 1);
+  std::normal_distribution<float> g(0.f, 1.f);
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t c = 0; c < k; ++c) {
+      bool keep;
+      if (two_four) {
+        keep = false;  // decided per group below
+      } else {
+        keep = u(rng) < density;
+      }
+      if (!two_four) {
+        if (r == 0) keep = false;           // all-zero row
+        if (r == 1) keep = true;            // full row
+        if (r == n - 1) keep = c == k - 1;  // one entry at the very end of values
+      }
+      if (keep) L.bitmap[r * width + c / 8] |= uint8_t(1u << (c % 8));
+    }
+    if (two_four) {
+      for (int64_t c0 = 0; c0 < k; c0 += 4) {
+        int a = rng() % 4, b = (a + 1 + rng() % 3) % 4;
+        for (int q : {a, b}) L.bitmap[r * width + (c0 + q) / 8] |= uint8_t(1u << ((c0 + q) % 8));
+      }
+    }
+    for (int64_t c = 0; c < k; ++c) {
+      if ((L.bitmap[r * width + c / 8] >> (c % 8)) & 1) {
+        const float val = g(rng);
+        const uint16_t h = float_to_half(val);
+        L.v16.push_back(h);
+        L.v32.push_back(val);
+        L.dense[r * k + c] = vt == ValueType::kFloat16 ? half_to_float(h) : val;
+      }
+    }
+    L.off[r + 1] = static_cast<int64_t>(L.v16.size());
+  }
+  BitmapTensors t;
+  t.bitmap_shape = {n, width};
+  t.values_shape = {static_cast<int64_t>(L.v16.size())};
+  t.offsets_shape = {n + 1};
+  t.bitmap = L.bitmap.data();
+  t.values = vt == ValueType::kFloat16 ? static_cast<const void*>(L.v16.data()) : L.v32.data();
+  t.row_offsets = L.off.data();
+  t.vtype = vt;
+  const std::string err = check_bitmap_weight("selftest", k, t, &L.w);
+  if (!err.empty()) {
+    std::fprintf(stderr, "encoder bug: %s\n", err.c_str());
+    std::exit(2);
+  }
+  if (two_four && k % 8 == 0 && !L.w.two_four) {
+    std::fprintf(stderr, "2:4 layer not detected as 2:4\n");
+    std::exit(2);
+  }
+  return L;
+}
+
+std::vector<const KernelSet*> sets() {
+  std::vector<const KernelSet*> s{&scalar_kernels()};
+  if (avx2_kernels()) s.push_back(avx2_kernels());
+  if (neon_kernels()) s.push_back(neon_kernels());
+  return s;
+}
+
+int failures = 0;
+
+void expect_close(const char* what, const KernelSet& ks, const std::vector<float>& y, const std::vector<double>& ref,
+                  const std::vector<double>& scale) {
+  double worst = 0;
+  for (size_t i = 0; i < y.size(); ++i) {
+    const double e = std::fabs(y[i] - ref[i]) / (scale[i] + 1e-30);
+    if (!(e <= worst)) worst = e;  // NaN-propagating
+  }
+  const bool ok = worst <= 1e-5;
+  if (!ok) ++failures;
+  std::printf("%-5s %-8s %-52s max err/scale %.2e\n", ok ? "ok" : "FAIL", ks.name, what, worst);
+}
+
+void check_linear(std::mt19937& rng, int64_t n, int64_t k, int64_t m, int64_t rank, double density, bool two_four,
+                  ValueType vt) {
+  Layer L = make_layer(rng, n, k, density, two_four, vt);
+  const int64_t ldx = L.w.width * 8;
+  std::normal_distribution<float> g(0.f, 1.f);
+  std::vector<float> x(m * ldx, 0.f), a(rank * k), b(n * rank), bias(n);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t c = 0; c < k; ++c) x[i * ldx + c] = g(rng);
+  for (auto& v : a) v = g(rng);
+  for (auto& v : b) v = g(rng);
+  for (auto& v : bias) v = g(rng);
+  std::vector<double> ref(m * n), scale(m * n);
+  for (int64_t i = 0; i < m; ++i) {
+    std::vector<double> t(rank), ta(rank);
+    for (int64_t q = 0; q < rank; ++q)
+      for (int64_t c = 0; c < k; ++c) {
+        t[q] += double(x[i * ldx + c]) * a[q * k + c];
+        ta[q] += std::fabs(double(x[i * ldx + c]) * a[q * k + c]);
+      }
+    for (int64_t r = 0; r < n; ++r) {
+      double s = bias[r], sa = std::fabs(bias[r]);
+      for (int64_t c = 0; c < k; ++c) {
+        s += double(x[i * ldx + c]) * L.dense[r * k + c];
+        sa += std::fabs(double(x[i * ldx + c]) * L.dense[r * k + c]);
+      }
+      for (int64_t q = 0; q < rank; ++q) {
+        s += t[q] * b[r * rank + q];
+        sa += ta[q] * std::fabs(b[r * rank + q]);
+      }
+      ref[i * n + r] = s;
+      scale[i * n + r] = sa;
+    }
+  }
+  AdapterTerms ad;
+  ad.a = a.data();
+  ad.b = b.data();
+  ad.rank = rank;
+  ad.bias = bias.data();
+  char what[160];
+  std::snprintf(what, sizeof what, "SALRLinear n=%lld k=%lld m=%lld r=%lld %s%s", (long long)n, (long long)k,
+                (long long)m, (long long)rank, vt == ValueType::kFloat16 ? "f16" : "f32",
+                L.w.two_four ? " 2:4" : "");
+  for (const KernelSet* ks : sets()) {
+    std::vector<float> y(m * n, std::nanf(""));
+    sparse_linear(*ks, L.w, ad, x.data(), m, ldx, y.data(), serial_runner());
+    expect_close(what, *ks, y, ref, scale);
+  }
+  // BitmapDecode must be bit-exact.
+  std::vector<uint16_t> o16(n * k);
+  std::vector<float> o32(n * k);
+  bitmap_decode(L.w, vt == ValueType::kFloat16 ? static_cast<void*>(o16.data()) : o32.data(), serial_runner());
+  for (int64_t i = 0; i < n * k; ++i) {
+    const double v = vt == ValueType::kFloat16 ? half_to_float(o16[i]) : o32[i];
+    if (v != L.dense[i]) {
+      ++failures;
+      std::printf("FAIL BitmapDecode at %lld\n", (long long)i);
+      break;
+    }
+  }
+}
+
+void check_dense(std::mt19937& rng, int64_t m, int64_t n, int64_t len) {
+  std::normal_distribution<float> g(0.f, 1.f);
+  std::vector<float> x(m * len), w(n * len);
+  for (auto& v : x) v = g(rng);
+  for (auto& v : w) v = g(rng);
+  std::vector<double> ref(m * n), scale(m * n);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t c = 0; c < len; ++c) {
+        ref[i * n + j] += double(x[i * len + c]) * w[j * len + c];
+        scale[i * n + j] += std::fabs(double(x[i * len + c]) * w[j * len + c]);
+      }
+  char what[96];
+  std::snprintf(what, sizeof what, "dense_nt m=%lld n=%lld len=%lld", (long long)m, (long long)n, (long long)len);
+  for (const KernelSet* ks : sets()) {
+    std::vector<float> y(m * n);
+    dense_nt(*ks, m, n, len, x.data(), len, w.data(), len, y.data(), n, serial_runner());
+    expect_close(what, *ks, y, ref, scale);
+  }
+}
+
+void check_half() {
+  // Every half converts to float and back unchanged; a sweep of floats rounds like every set's converter.
+  for (uint32_t h = 0; h < 65536; ++h) {
+    const float f = half_to_float(uint16_t(h));
+    if (!std::isnan(f) && float_to_half(f) != h) {
+      ++failures;
+      std::printf("FAIL half round trip %u\n", h);
+      return;
+    }
+  }
+  std::vector<float> src;
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> e(-30.f, 17.f);
+  for (int i = 0; i < 20000; ++i) src.push_back((i % 2 ? -1.f : 1.f) * std::exp2(e(rng)));
+  std::vector<uint16_t> want(src.size()), got(src.size());
+  scalar_kernels().f32_to_f16(src.data(), want.data(), (int64_t)src.size());
+  for (const KernelSet* ks : sets()) {
+    ks->f32_to_f16(src.data(), got.data(), (int64_t)src.size());
+    const bool ok = got == want;
+    if (!ok) ++failures;
+    std::printf("%-5s %-8s f32 -> f16 rounding matches the scalar reference\n", ok ? "ok" : "FAIL", ks->name);
+  }
+}
+
+int bench(int argc, char** argv) {
+  const int64_t n = std::atoll(argv[2]), k = std::atoll(argv[3]), m = std::atoll(argv[4]);
+  const std::string sp = argc > 5 ? argv[5] : "0.5";
+  const ValueType vt = (argc > 6 && std::string(argv[6]) == "f32") ? ValueType::kFloat32 : ValueType::kFloat16;
+  const int64_t rank = argc > 7 ? std::atoll(argv[7]) : 0;
+  std::mt19937 rng(1);
+  Layer L = make_layer(rng, n, k, sp == "2:4" ? 0.5 : 1.0 - std::atof(sp.c_str()), sp == "2:4", vt);
+  const int64_t ldx = L.w.width * 8;
+  std::vector<float> x(m * ldx, 0.5f), y(m * n), a(rank * k, 0.01f), b(n * rank, 0.01f);
+  AdapterTerms ad;
+  ad.a = a.data();
+  ad.b = b.data();
+  ad.rank = rank;
+  for (const KernelSet* ks : sets()) {
+    std::vector<double> t;
+    for (int it = 0; it < 15; ++it) {
+      const auto t0 = std::chrono::steady_clock::now();
+      sparse_linear(*ks, L.w, ad, x.data(), m, ldx, y.data(), serial_runner());
+      t.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    }
+    std::sort(t.begin(), t.end());
+    std::printf("%-8s n=%lld k=%lld m=%lld %s %s 2:4=%d r=%lld: min %.3f median %.3f ms (1 thread)\n", ks->name,
+                (long long)n, (long long)k, (long long)m, sp.c_str(), vt == ValueType::kFloat16 ? "f16" : "f32",
+                int(L.w.two_four), (long long)rank, t[0], t[t.size() / 2]);
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc > 4 && std::string(argv[1]) == "--bench") return bench(argc, argv);
+  std::mt19937 rng(1234);
+  check_half();
+  for (ValueType vt : {ValueType::kFloat16, ValueType::kFloat32}) {
+    for (int64_t m : {1, 2, 5, 16, 37, 130}) {
+      check_linear(rng, 83, 545, m, m % 2 ? 3 : 0, 0.5, false, vt);
+    }
+    check_linear(rng, 9, 1, 3, 1, 0.5, false, vt);
+    check_linear(rng, 17, 7, 20, 2, 0.3, false, vt);
+    check_linear(rng, 40, 96, 1, 0, 0.5, true, vt);
+    check_linear(rng, 41, 104, 1, 4, 0.5, true, vt);
+    check_linear(rng, 33, 112, 1, 2, 0.5, true, vt);
+    check_linear(rng, 41, 104, 24, 4, 0.5, true, vt);
+    check_linear(rng, 130, 1024, 1, 8, 0.3, false, vt);
+  }
+  check_dense(rng, 1, 67, 301);
+  check_dense(rng, 7, 5, 33);
+  check_dense(rng, 19, 23, 64);
+  std::printf("%s: %d failure(s)\n", failures ? "FAILED" : "PASSED", failures);
+  return failures ? 1 : 0;
+}
