@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--salr-lora-rank", type=int, default=4)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--skip-finetune", action="store_true")
+    parser.add_argument("--svd-ranks", default="0,16,64", help="SVD residual ranks of the no-fine-tuning variants")
+    parser.add_argument("--wanda-svd-ranks", default="0,16,64")
+    parser.add_argument("--calib-samples", type=int, default=32, help="512-token WikiText-2 valid windows for Wanda")
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in --output and skip them")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
@@ -66,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     data = Path(args.data_dir)
     test = load_token_stream(data / "wikitext-2" / "test.txt", tokenizer)
     valid = load_token_stream(data / "wikitext-2" / "valid.txt", tokenizer)
-    rows: list[dict] = []
     out = Path(args.output)
+    rows: list[dict] = json.loads(out.read_text())["rows"] if args.resume and out.is_file() else []
+    done = {(r["variant"], r["granularity"]) for r in rows}
 
     def record(name: str, granularity: str, model, extra: dict | None = None) -> None:
         t0 = time.time()
@@ -82,15 +87,19 @@ def main(argv: list[str] | None = None) -> int:
 
     names = find_target_linears(base, "all-linear")
     dense_bytes = sum(base.get_submodule(n).weight.numel() * 2 for n in names)
-    record("dense", "-", base)
-    norms = input_feature_norms(base, names, calibration_batches(valid, 512, 32), show_progress=False)
+    if ("dense", "-") not in done:
+        record("dense", "-", base)
+    norms = input_feature_norms(base, names, calibration_batches(valid, 512, args.calib_samples), show_progress=False)
     for gran in args.granularities.split(","):
-        for pruning in ("magnitude", "wanda"):
-            for rank in (0, 16, 64):
+        for pruning, ranks in (("magnitude", args.svd_ranks), ("wanda", args.wanda_svd_ranks)):
+            for rank in (int(r) for r in ranks.split(",") if r):
+                name = f"{pruning}" + (f"+svd{rank}" if rank else "")
+                if (name, gran) in done:
+                    continue
                 model = copy.deepcopy(base)
                 compress_(model, SALRConfig(sparsity=0.5, rank=rank, lora_rank=0, pruning=pruning, granularity=gran),
                           input_norms=norms, show_progress=False)
-                record(f"{pruning}" + (f"+svd{rank}" if rank else ""), gran, model)
+                record(name, gran, model)
                 del model
         if args.skip_finetune:
             continue

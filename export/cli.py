@@ -1,0 +1,152 @@
+"""`salr-export OUTPUT.onnx`: compress (or load) a causal LM and export it for ONNX Runtime.
+
+With no other argument it loads the built-in default model (SmolLM2-135M-Instruct), compresses it
+with SALR at 50% sparsity (no LoRA: a fresh export has nothing trained) and writes OUTPUT.onnx,
+OUTPUT.onnx.data, genai_config.json, the tokenizer files and, when it is built, a copy of the
+custom-op library. Bad input ends with a one-line error on stderr and exit code 2, and leaves no file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+logger = logging.getLogger("salr_edge.export.cli")
+
+# Libraries that log every pass at INFO; their detail drowns the export's own progress lines.
+_CHATTY_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx", "torch._export", "torch.export", "torch.fx")
+# torch's exporter warns once per torchvision op it cannot register; torchvision is no dependency here.
+_QUIET_LOGGERS = ("torch.onnx._internal.exporter._registration",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="salr-export",
+        description="Export a causal LM, compressed with SALR (bitmap-sparse + low-rank) or dense, to ONNX.")
+    parser.add_argument("output", help="the .onnx file to write (its folder must exist)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", default=None,
+                        help="local transformers model folder (default: built-in SmolLM2-135M-Instruct)")
+    source.add_argument("--checkpoint", default=None,
+                        help="compressed checkpoint folder (from `salr compress` / save_compressed)")
+    parser.add_argument("--method", choices=["salr", "dense"], default="salr",
+                        help="salr: com.salr::SALRLinear nodes; dense: plain MatMul (the baseline)")
+    parser.add_argument("--sparsity", type=float, default=None, help="fraction pruned (default 0.5)")
+    parser.add_argument("--rank", type=int, default=None, help="SVD residual adapter rank (default 64)")
+    parser.add_argument("--granularity", default=None, help="matrix | row | N:M, e.g. 2:4 (default matrix)")
+    parser.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="model dtype, activations included")
+    parser.add_argument("--values-dtype", choices=["fp16", "fp32"], default="fp16",
+                        help="dtype of the stored non-zeros (fp32 only with --dtype fp32)")
+    parser.add_argument("--no-function-fallback", action="store_true",
+                        help="omit the standard-ONNX function bodies (the model then needs the library)")
+    parser.add_argument("--opset", type=int, default=None, help="default-domain ONNX opset (>= 18)")
+    parser.add_argument("--no-genai-config", action="store_true",
+                        help="write only the model: no genai_config.json, tokenizer or library copy")
+    parser.add_argument("--no-library-copy", action="store_true",
+                        help="do not copy libsalr_ops.so next to the model")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    return parser
+
+
+def _compression_options_given(args: argparse.Namespace) -> list[str]:
+    return [flag for flag, value in (("--sparsity", args.sparsity), ("--rank", args.rank),
+                                     ("--granularity", args.granularity)) if value is not None]
+
+
+def _load_tokenizer(directory: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory))
+    except (OSError, ValueError) as exc:
+        logger.warning("no tokenizer in %s (%s); genai files will lack it", directory, exc)
+        return None
+
+
+def _load(args: argparse.Namespace):
+    """(model, tokenizer) ready for export, as the options say."""
+    from transformers import AutoConfig
+
+    from salr_edge.models import resolve_model_dir
+
+    from .architectures import get_architecture
+
+    if args.checkpoint is not None:
+        from salr_edge.checkpoint import load_compressed, read_salr_config
+
+        directory = Path(args.checkpoint)
+        read_salr_config(directory)  # existence, format and version before anything heavy
+        get_architecture(AutoConfig.from_pretrained(str(directory)))
+        logger.info("loading compressed checkpoint %s", directory)
+        return load_compressed(directory), _load_tokenizer(directory)
+
+    from salr_edge.models import load_model
+
+    directory = resolve_model_dir(args.model)
+    get_architecture(AutoConfig.from_pretrained(str(directory)))  # refuse before loading weights
+    logger.info("loading %s", directory)
+    model, tokenizer = load_model(directory)
+    if args.method == "salr":
+        from salr_edge.api import compress_
+        from salr_edge.config import SALRConfig
+
+        config = SALRConfig(sparsity=0.5 if args.sparsity is None else args.sparsity,
+                            rank=64 if args.rank is None else args.rank, lora_rank=0,
+                            granularity=args.granularity or "matrix")
+        logger.info("compressing with SALR (sparsity %.2f, rank %d, granularity %s)",
+                    config.sparsity, config.rank, config.granularity)
+        compress_(model, config, show_progress=not args.quiet)
+    return model, tokenizer
+
+
+def run(args: argparse.Namespace) -> int:
+    from salr_edge.io_utils import check_writable_parent
+
+    from .exporter import ExportConfig, export_onnx
+
+    config = ExportConfig(method=args.method, dtype=args.dtype, values_dtype=args.values_dtype, opset=args.opset,
+                          function_fallback=not args.no_function_fallback,
+                          genai_config=not args.no_genai_config, copy_library=not args.no_library_copy)
+    given = _compression_options_given(args)
+    if given and (args.checkpoint is not None or args.method == "dense"):
+        raise ValueError(f"{', '.join(given)} only apply when compressing (--method salr without --checkpoint)")
+    output = check_writable_parent(args.output)  # fail before minutes of loading and tracing
+    if output.is_dir():
+        raise IsADirectoryError(f"output {output} is a directory; give the .onnx file to write")
+    start = time.perf_counter()
+    model, tokenizer = _load(args)
+    result = export_onnx(model, output, config, tokenizer=tokenizer)
+    total = sum(p.stat().st_size for p in result.files if p.name.startswith(output.name))
+    sys.stdout.write(f"wrote {result.model_path} ({total / 2**20:.1f} MiB with its weights, "
+                     f"{result.num_salr_nodes} SALRLinear nodes) in {time.perf_counter() - start:.0f} s\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `salr-export`; returns the exit code (0 ok, 2 bad input)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for name in _CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # A terminated export unwinds like an interrupted one, so its staging folder is removed too.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    from salr_edge.checkpoint import CheckpointError
+    from salr_edge.formats.bitmap import BitmapFormatError
+
+    try:
+        return run(args)
+    except (OSError, ValueError, TypeError, ImportError, CheckpointError, BitmapFormatError) as exc:
+        message = " ".join(str(exc).split())  # one line, whatever the exception's own formatting
+        sys.stderr.write(f"salr-export: error: {message}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

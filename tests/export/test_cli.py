@@ -1,0 +1,183 @@
+"""`salr-export`: tiny models end to end, and bad input as a one-line error with exit code 2 and no files."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import onnx
+import pytest
+
+from salr_edge.export.cli import main
+from salr_edge.runtime import make_session
+
+from .conftest import REPO, make_tiny_model, make_tiny_tokenizer
+from .helpers import assert_matches_pytorch
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    """A tiny Llama as a transformers folder, its compressed checkpoint, and a tiny GPT-2 folder."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from salr_edge.checkpoint import save_compressed
+
+    root = tmp_path_factory.mktemp("cli_models")
+    tokenizer = make_tiny_tokenizer()
+    model = make_tiny_model("llama", compress=False)
+    model.save_pretrained(root / "llama")
+    tokenizer.save_pretrained(root / "llama")
+    save_compressed(make_tiny_model("llama"), root / "ckpt", tokenizer=tokenizer)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(root / "gpt2")
+    return root
+
+
+def _run_ok(args, capsys):
+    code = main([*args, "-q"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return captured
+
+
+def test_fresh_salr_export_from_a_model_folder(tiny_dirs, tmp_path, capsys):
+    from salr_edge.api import compress_
+    from salr_edge.config import SALRConfig
+    from salr_edge.models import load_model
+
+    out = tmp_path / "model.onnx"
+    captured = _run_ok([str(out), "--model", str(tiny_dirs / "llama"), "--rank", "4", "--values-dtype", "fp32"],
+                       capsys)
+    assert "14 SALRLinear nodes" in captured.out
+    assert {p.name for p in tmp_path.iterdir()} >= {"model.onnx", "model.onnx.data", "genai_config.json",
+                                                    "tokenizer.json"}
+    # The same compression in PyTorch computes what the export computes (fp32 values: exact weights).
+    model, _ = load_model(tiny_dirs / "llama")
+    compress_(model, SALRConfig(sparsity=0.5, rank=4, lora_rank=0), show_progress=False)
+    assert_matches_pytorch(make_session(out), model)
+
+
+def test_dense_export_is_the_uncompressed_model(tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "dense.onnx"
+    captured = _run_ok([str(out), "--model", str(tiny_dirs / "llama"), "--method", "dense", "--no-genai-config"],
+                       capsys)
+    assert "0 SALRLinear nodes" in captured.out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense.onnx", "dense.onnx.data"]
+    from salr_edge.models import load_model
+
+    model, _ = load_model(tiny_dirs / "llama")
+    assert_matches_pytorch(make_session(out), model)
+
+
+def test_checkpoint_export_without_function_fallback(tiny_dirs, tmp_path, capsys):
+    from salr_edge.checkpoint import load_compressed
+
+    out = tmp_path / "ckpt.onnx"
+    _run_ok([str(out), "--checkpoint", str(tiny_dirs / "ckpt"), "--no-function-fallback", "--no-genai-config"],
+            capsys)
+    model = onnx.load(str(out), load_external_data=False)
+    assert not model.functions
+    assert sum(n.op_type == "SALRLinear" for n in model.graph.node) == 14
+    from .conftest import find_library
+
+    if find_library() is not None:
+        assert_matches_pytorch(make_session(out, use_library=True), load_compressed(tiny_dirs / "ckpt"))
+
+
+def _expect_error(args, capsys, tmp_path, *fragments):
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("salr-export: error: ")
+    for fragment in fragments:
+        assert fragment in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before, "partial files left behind"
+
+
+def test_unsupported_architecture(tiny_dirs, tmp_path, capsys):
+    _expect_error([str(tmp_path / "m.onnx"), "--model", str(tiny_dirs / "gpt2")], capsys, tmp_path,
+                  "'gpt2'", "supported: llama, mistral, qwen2, qwen3")
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    _expect_error([str(tmp_path / "m.onnx"), "--checkpoint", str(tmp_path / "nope")], capsys, tmp_path,
+                  "does not exist")
+
+
+def test_folder_that_is_not_a_checkpoint(tiny_dirs, tmp_path, capsys):
+    _expect_error([str(tmp_path / "m.onnx"), "--checkpoint", str(tiny_dirs / "llama")], capsys, tmp_path,
+                  "not a salr-edge checkpoint")
+
+
+def test_corrupt_checkpoint(tiny_dirs, tmp_path, capsys):
+    import shutil
+
+    ckpt = tmp_path / "corrupt"
+    shutil.copytree(tiny_dirs / "ckpt", ckpt)
+    (ckpt / "model.safetensors").write_bytes(b"\x00garbage")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    _expect_error([str(out_dir / "m.onnx"), "--checkpoint", str(ckpt)], capsys, out_dir, "corrupt")
+    (ckpt / "salr_config.json").write_text("{not json")
+    _expect_error([str(out_dir / "m.onnx"), "--checkpoint", str(ckpt)], capsys, out_dir, "corrupt")
+
+
+def test_newer_format_version(tiny_dirs, tmp_path, capsys):
+    import shutil
+
+    ckpt = tmp_path / "future"
+    shutil.copytree(tiny_dirs / "ckpt", ckpt)
+    meta = json.loads((ckpt / "salr_config.json").read_text())
+    meta["format_version"] = 99
+    (ckpt / "salr_config.json").write_text(json.dumps(meta))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    _expect_error([str(out_dir / "m.onnx"), "--checkpoint", str(ckpt)], capsys, out_dir, "version 99", "version 1")
+
+
+def test_output_in_a_missing_folder(tiny_dirs, tmp_path, capsys):
+    _expect_error([str(tmp_path / "a" / "b" / "m.onnx"), "--model", str(tiny_dirs / "llama")], capsys, tmp_path,
+                  "does not exist")
+
+
+def test_output_is_a_directory(tiny_dirs, tmp_path, capsys):
+    (tmp_path / "d.onnx").mkdir()
+    _expect_error([str(tmp_path / "d.onnx"), "--model", str(tiny_dirs / "llama")], capsys, tmp_path,
+                  "is a directory")
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write into read-only folders")
+def test_unwritable_output_folder(tiny_dirs, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        _expect_error([str(locked / "m.onnx"), "--model", str(tiny_dirs / "llama")], capsys, locked, "not writable")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_unwritable_output_folder_as_any_user(tiny_dirs, tmp_path, capsys, monkeypatch):
+    """The same path for root: the write check reports an unwritable folder before any work."""
+    import salr_edge.io_utils as io_utils
+
+    real_access = os.access
+    monkeypatch.setattr(io_utils.os, "access", lambda p, mode: False if mode == os.W_OK else real_access(p, mode))
+    _expect_error([str(tmp_path / "m.onnx"), "--model", str(tiny_dirs / "llama")], capsys, tmp_path, "not writable")
+
+
+def test_compression_options_conflict_with_a_checkpoint(tiny_dirs, tmp_path, capsys):
+    _expect_error([str(tmp_path / "m.onnx"), "--checkpoint", str(tiny_dirs / "ckpt"), "--sparsity", "0.7"],
+                  capsys, tmp_path, "--sparsity only apply")
+
+
+def test_fp16_with_fp32_values_is_refused(tiny_dirs, tmp_path, capsys):
+    _expect_error([str(tmp_path / "m.onnx"), "--dtype", "fp16", "--values-dtype", "fp32"], capsys, tmp_path,
+                  "needs dtype='fp32'")
+
+
+def test_entry_point_is_declared():
+    import tomllib
+
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"]["salr-export"] == "salr_edge.export.cli:main"
