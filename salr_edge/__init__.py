@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "SALRConfig": "salr_edge.config",
+    "SALAADConfig": "salr_edge.config",
     "compress_": "salr_edge.api",
     "unload": "salr_edge.api",
     "register_handler": "salr_edge.api",

@@ -26,14 +26,14 @@ def compress_(model: nn.Module, config: Any, **kwargs: Any) -> nn.Module:
 
     Args:
         model: a transformers causal LM (or any module with `nn.Linear` layers).
-        config: `SALRConfig` (or another registered config type).
+        config: `SALRConfig`, `SALAADConfig` (or another registered config type).
         **kwargs: handler-specific data, e.g. `calib_data` (an iterable of input-id tensors, for
-            Wanda) or `show_progress`.
+            Wanda), `train_data`/`train_config`/`budget` (SALAAD) or `show_progress`.
 
     Returns:
         The same model object.
     """
-    from .algorithms import salr  # noqa: F401  (registers the SALR handler)
+    from .algorithms import salaad, salr  # noqa: F401  (register the SALAAD and SALR handlers)
 
     handler = _HANDLERS.get(type(config))
     if handler is None:

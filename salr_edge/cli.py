@@ -99,6 +99,66 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+_SALAAD_FLAGS = ("target_rank_ratio", "target_density", "target_rank_ratio_attn", "target_rank_ratio_mlp",
+                 "target_density_attn", "target_density_mlp", "admm_every", "rho", "rho_schedule", "rho_growth",
+                 "rho_max", "alpha0", "beta0", "alpha_gain", "beta_gain", "damping", "damping_after", "svd_method",
+                 "svd_rank_cap", "svd_niter", "energy", "target_modules", "exclude_modules")
+
+
+def cmd_salaad_train(args: argparse.Namespace) -> int:
+    from .config import SALAADConfig
+    from .data import load_token_stream
+    from .io_utils import check_writable_parent
+    from .models import load_model
+    from .salaad import save_salaad_checkpoint, train_salaad
+    from .training.finetune import FinetuneConfig, config_dict, init_distributed_from_env
+
+    fields = json.loads(Path(args.config).read_text()) if args.config else {}
+    fields.update({f: getattr(args, f) for f in _SALAAD_FLAGS if getattr(args, f) is not None})
+    config = SALAADConfig.from_dict(fields)
+    check_writable_parent(args.output)
+    train = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                           seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
+                           save_every=args.save_every, max_minutes=args.max_minutes, output_dir=args.output,
+                           resume=args.resume)
+    distributed = init_distributed_from_env()
+    model, tokenizer = load_model(args.model)
+    tokens = load_token_stream(args.data, tokenizer)
+    Path(args.output).mkdir(exist_ok=True)
+    history, trainer = train_salaad(model, tokens, config, train, log_path=Path(args.output) / "salaad_log.jsonl")
+    save_salaad_checkpoint(model, trainer, args.output, tokenizer=tokenizer,
+                           extra={"train": config_dict(train), "history": history})
+    import torch.distributed as dist
+
+    if not distributed or dist.get_rank() == 0:
+        print(f"SALAAD checkpoint written to {args.output} (final loss {history[-1]['loss']:.4f}); cut it with "
+              f"`salr salaad extract --checkpoint {args.output} --budget 0.4 --output DIR`")
+    if distributed:
+        dist.destroy_process_group()
+    return 0
+
+
+def cmd_salaad_extract(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from .checkpoint import save_compressed
+    from .io_utils import check_writable_parent
+    from .salaad import extract, read_salaad_config
+
+    check_writable_parent(args.output)
+    read_salaad_config(args.checkpoint)  # a clear error before loading anything heavy
+    model = extract(args.checkpoint, args.budget, refit=args.refit)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+    except (OSError, ValueError):
+        tokenizer = None
+    save_compressed(model, args.output, tokenizer=tokenizer, values_dtype=_torch_dtype(args.values_dtype),
+                    adapter_dtype=_torch_dtype(args.values_dtype))
+    plan = model.salr_metadata["config"]["extraction"]
+    print(json.dumps({k: v for k, v in plan.items() if k != "layers"}))
+    return 0
+
+
 def _targets(value: str | None):
     if value is None or value == "all-linear":
         return value
@@ -154,6 +214,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50, help="GSM8K: number of problems (the first N)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("salaad", help="SALAAD: ADMM training toward sparse + low-rank, then cut to any budget")
+    salaad = p.add_subparsers(dest="salaad_command", required=True)
+    p = salaad.add_parser("train", help="train a model with SALAAD; writes a SALAAD checkpoint (torchrun-ready)")
+    p.add_argument("--model", help="local transformers model dir (default: built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--data", required=True, help=".txt (e.g. WikiText-2 valid) or .jsonl training data")
+    p.add_argument("--output", required=True, help="checkpoint directory (also holds trainer_state and the log)")
+    p.add_argument("--config", help="SALAADConfig JSON file; flags given here override its values")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=3e-5, help="AdamW peak learning rate of the dense weights")
+    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint the trainer state every N steps")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/trainer_state")
+    for name, kind in (("target_rank_ratio", float), ("target_density", float), ("target_rank_ratio_attn", float),
+                       ("target_rank_ratio_mlp", float), ("target_density_attn", float),
+                       ("target_density_mlp", float), ("admm_every", int), ("rho", float), ("rho_growth", float),
+                       ("rho_max", float), ("alpha0", float), ("beta0", float), ("alpha_gain", float),
+                       ("beta_gain", float), ("damping", float), ("damping_after", int), ("svd_rank_cap", float),
+                       ("svd_niter", int), ("energy", float)):
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                       help="SALAADConfig." + name + " (default: the config's)")
+    p.add_argument("--rho-schedule", choices=["fixed", "shape", "ramp"], default=None)
+    p.add_argument("--svd-method", choices=["full", "randomized"], default=None)
+    p.add_argument("--target-modules", type=_targets, default=None,
+                   help="'all-linear', a regex, or a comma-separated list of module names/suffixes")
+    p.add_argument("--exclude-modules", type=_targets, default=None)
+    p.set_defaults(func=cmd_salaad_train)
+    p = salaad.add_parser("extract", help="cut a SALAAD checkpoint to a size budget; writes a compressed checkpoint")
+    p.add_argument("--checkpoint", required=True, help="SALAAD checkpoint dir (from `salr salaad train`)")
+    p.add_argument("--budget", default=None,
+                   help="fraction of the dense fp16 bytes of the targeted layers (0.4, 40%%), bytes (40MB, "
+                        "40000000) or parameters (20M params); default: the trained structure")
+    p.add_argument("--output", required=True, help="compressed checkpoint directory to write")
+    p.add_argument("--values-dtype", choices=sorted(_DTYPES), default="fp16",
+                   help="dtype of the stored non-zeros and adapters (the budget counts fp16)")
+    p.add_argument("--refit", action="store_true",
+                   help="re-fit the kept singular values and sparse values to the trained weights (least squares)")
+    p.set_defaults(func=cmd_salaad_extract)
 
     try:
         from .runtime import add_generate_arguments, generate_main

@@ -4,7 +4,9 @@ AdamW + cosine schedule with warm-up (transformers' scheduler), gradient accumul
 clipping, periodic checkpoints with resume. Under `torchrun` (or accelerate) with an initialized
 process group, the model is wrapped in DDP and every rank draws its own share of each global batch.
 Batches are a pure function of (seed, step), so a resumed run sees the same data as an
-uninterrupted one and needs no saved RNG state.
+uninterrupted one and needs no saved RNG state. A `TrainingHooks` object lets a method (SALAAD) add a
+loss term, act after each optimizer step and keep its own state in the trainer checkpoints, without a
+second training loop.
 """
 
 from __future__ import annotations
@@ -71,6 +73,38 @@ class FinetuneConfig:
             raise ValueError("resume needs output_dir")
 
 
+class TrainingHooks:
+    """Extension points of `finetune`; the base class does nothing. Every method runs on every rank.
+
+    - `on_train_start(step)`: after the optimizer exists and a resumed state is loaded, before step `step`.
+    - `extra_loss(step)`: a scalar added to the last micro-batch's loss of each optimizer step (not
+      divided by `grad_accum`), or None. Under DDP it is backpropagated with the model loss, so its
+      gradient is averaged over ranks like the rest.
+    - `on_step_end(step)`: after optimizer and scheduler stepped (`step` counts the steps done); returns
+      entries for the progress bar.
+    - `state_tensors()`: the hook's state at a checkpoint (a collective under DDP: rank 0's return value
+      is what is saved), and `load_state_tensors(tensors)` to restore it on resume.
+    """
+
+    def on_train_start(self, step: int) -> None:
+        pass
+
+    def extra_loss(self, step: int) -> torch.Tensor | None:
+        return None
+
+    def on_step_end(self, step: int) -> dict[str, str]:
+        return {}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+
+HOOKS_STATE = "hooks.safetensors"
+
+
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -101,17 +135,21 @@ def check_base_intact(model: nn.Module) -> None:
             raise RuntimeError(f"{name}: the base weight has non-zeros outside its sparsity mask")
 
 
-def _save_state(directory: Path, model: nn.Module, optimizer, scheduler, step: int, history: list) -> None:
+def _save_state(directory: Path, model: nn.Module, optimizer, scheduler, step: int, history: list,
+                hook_tensors: dict[str, torch.Tensor] | None = None) -> None:
     from safetensors.torch import save_file
 
     with atomic_directory(directory / STATE_DIR) as tmp:
         save_file({n: p.detach().contiguous() for n, p in trainable_parameters(model).items()},
                   str(tmp / "adapters.safetensors"))
+        if hook_tensors:
+            save_file({k: v.detach().contiguous().cpu() for k, v in hook_tensors.items()}, str(tmp / HOOKS_STATE))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "history": history}, indent=1))
 
 
-def _load_state(directory: Path, model: nn.Module, optimizer, scheduler) -> tuple[int, list]:
+def _load_state(directory: Path, model: nn.Module, optimizer, scheduler,
+                hooks: TrainingHooks | None = None) -> tuple[int, list]:
     from safetensors.torch import load_file
 
     state_dir = directory / STATE_DIR
@@ -124,6 +162,9 @@ def _load_state(directory: Path, model: nn.Module, optimizer, scheduler) -> tupl
     with torch.no_grad():
         for name, value in saved.items():
             params[name].copy_(value)
+    if hooks is not None:
+        hooks_path = state_dir / HOOKS_STATE
+        hooks.load_state_tensors(load_file(str(hooks_path)) if hooks_path.is_file() else {})
     optim = torch.load(state_dir / "optim.pt", weights_only=True)
     optimizer.load_state_dict(optim["optimizer"])
     scheduler.load_state_dict(optim["scheduler"])
@@ -131,12 +172,14 @@ def _load_state(directory: Path, model: nn.Module, optimizer, scheduler) -> tupl
     return int(state["step"]), list(state["history"])
 
 
-def finetune(model: nn.Module, tokens: torch.Tensor, cfg: FinetuneConfig, show_progress: bool = True) -> list[dict]:
+def finetune(model: nn.Module, tokens: torch.Tensor, cfg: FinetuneConfig, show_progress: bool = True,
+             hooks: TrainingHooks | None = None) -> list[dict]:
     """Modifies `model` in place: train its trainable parameters (the adapters) on a token stream.
 
     Args:
-        model: a compressed causal LM (only adapters require grad).
+        model: a compressed causal LM (only adapters require grad; SALAAD makes dense weights trainable).
         tokens: 1-D token ids (see `salr_edge.data.load_token_stream`).
+        hooks: extension points (see `TrainingHooks`), e.g. SALAAD's ADMM penalty and rounds.
 
     Returns:
         The history: one dict per logged step (step, loss, lr, elapsed seconds).
@@ -159,8 +202,10 @@ def finetune(model: nn.Module, tokens: torch.Tensor, cfg: FinetuneConfig, show_p
     out_dir = Path(cfg.output_dir) if cfg.output_dir else None
     step, history = 0, []
     if cfg.resume and out_dir is not None:
-        step, history = _load_state(out_dir, model, optimizer, scheduler)
+        step, history = _load_state(out_dir, model, optimizer, scheduler, hooks)
         logger.info("resumed from step %d", step)
+    if hooks is not None:
+        hooks.on_train_start(step)
     device = next(model.parameters()).device
     start = time.monotonic()
     bar = tqdm(total=cfg.steps, initial=step, desc="finetune", disable=not show_progress or rank != 0)
@@ -170,14 +215,16 @@ def finetune(model: nn.Module, tokens: torch.Tensor, cfg: FinetuneConfig, show_p
         for micro in range(cfg.grad_accum):
             batch = batch_for_step(tokens, step, micro, cfg, rank, world).to(device)  # (B, T)
             loss = runner(input_ids=batch, labels=batch).loss / cfg.grad_accum
-            loss.backward()
             total += float(loss.detach())
+            extra = hooks.extra_loss(step) if hooks is not None and micro == cfg.grad_accum - 1 else None
+            (loss if extra is None else loss + extra).backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         step += 1
+        postfix = hooks.on_step_end(step) if hooks is not None else {}
         bar.update(1)
-        bar.set_postfix(loss=f"{total:.3f}")
+        bar.set_postfix(loss=f"{total:.3f}", **postfix)
         if not math.isfinite(total):
             raise FloatingPointError(f"loss became {total} at step {step}; lower the learning rate")
         elapsed = time.monotonic() - start
@@ -185,8 +232,14 @@ def finetune(model: nn.Module, tokens: torch.Tensor, cfg: FinetuneConfig, show_p
             history.append({"step": step, "loss": total, "lr": scheduler.get_last_lr()[0], "seconds": elapsed})
             logger.info("step %d loss %.4f", step, total)
         out_of_time = cfg.max_minutes is not None and elapsed > cfg.max_minutes * 60
-        if out_dir is not None and rank == 0 and ((cfg.save_every and step % cfg.save_every == 0) or out_of_time):
-            _save_state(out_dir, model, optimizer, scheduler, step, history)
+        if cfg.max_minutes is not None and world > 1:  # every rank must stop at the same step
+            flag = torch.tensor([float(out_of_time)], device=device if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            out_of_time = bool(flag.item())
+        if out_dir is not None and ((cfg.save_every and step % cfg.save_every == 0) or out_of_time):
+            hook_tensors = hooks.state_tensors() if hooks is not None else None  # collective under DDP
+            if rank == 0:
+                _save_state(out_dir, model, optimizer, scheduler, step, history, hook_tensors)
         if out_of_time:
             logger.warning("stopping at step %d: max_minutes=%s reached", step, cfg.max_minutes)
             break
