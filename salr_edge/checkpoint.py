@@ -131,16 +131,21 @@ def read_salr_config(directory: str | os.PathLike) -> dict[str, Any]:
     path = directory / SALR_CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a salr-edge checkpoint (no {SALR_CONFIG_NAME})")
+    return read_versioned_json(path, FORMAT_NAME, FORMAT_VERSION)
+
+
+def read_versioned_json(path: Path, format_name: str, max_version: int) -> dict[str, Any]:
+    """Parse a metadata JSON file and check its `format` name and that its `format_version` is not newer."""
     try:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path} is corrupt: {exc}") from exc
-    if cfg.get("format") != FORMAT_NAME:
-        raise CheckpointError(f"{path}: format {cfg.get('format')!r} is not {FORMAT_NAME!r}")
+    if cfg.get("format") != format_name:
+        raise CheckpointError(f"{path}: format {cfg.get('format')!r} is not {format_name!r}")
     version = cfg.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or version > max_version:
         raise CheckpointError(f"{path}: format version {version} is newer than this library supports "
-                              f"(version {FORMAT_VERSION}); upgrade salr-edge")
+                              f"(version {max_version}); upgrade salr-edge")
     return cfg
 
 

@@ -31,7 +31,7 @@ from torch import nn
 from . import __version__
 from .algorithms.salaad import (SCALAR_FIELDS, TENSOR_FIELDS, Budget, BudgetSpec, ExtractionPlan, MatrixState,
                                 SALAADTrainer, extract_, layer_bytes, parse_budget, plan_extraction, train_salaad)
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, read_versioned_json
 from .config import SALAADConfig
 from .io_utils import atomic_directory
 from .training.finetune import _world
@@ -91,17 +91,7 @@ def read_salaad_config(directory: str | os.PathLike) -> dict[str, Any]:
         hint = " (it is a compressed SALR checkpoint, already cut)" if cut else ""
         raise CheckpointError(f"{directory} holds no SALAAD state (no {SALAAD_CONFIG_NAME}){hint}; give a "
                               f"checkpoint written by `salr salaad train`")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is corrupt: {exc}") from exc
-    if meta.get("format") != SALAAD_FORMAT:
-        raise CheckpointError(f"{path}: format {meta.get('format')!r} is not {SALAAD_FORMAT!r}")
-    version = meta.get("format_version")
-    if not isinstance(version, int) or version > SALAAD_FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format version {version} is newer than this library supports "
-                              f"(version {SALAAD_FORMAT_VERSION}); upgrade salr-edge")
-    return meta
+    return read_versioned_json(path, SALAAD_FORMAT, SALAAD_FORMAT_VERSION)
 
 
 def load_salaad_checkpoint(directory: str | os.PathLike, dtype: torch.dtype = torch.float32
