@@ -24,6 +24,7 @@ from ..api import compress_
 from ..config import SALRConfig
 from ..data import calibration_batches, load_token_stream
 from ..evaluation import perplexity
+from ..formats.bitmap import stored_layer_bytes
 from ..io_utils import atomic_write_text
 from ..models import load_model
 from ..modules.sparse_lowrank_linear import iter_sparse_lowrank
@@ -41,7 +42,7 @@ def layer_bytes(model, value_bytes: int = 2, adapter_bytes: int = 2) -> tuple[in
     for _, m in iter_sparse_lowrank(model):
         n, k = m.out_features, m.in_features
         nnz = int(m.salr_mask.sum())
-        comp += n * ((k + 7) // 8) + nnz * value_bytes + (n + 1) * 8 + m.total_rank * (n + k) * adapter_bytes
+        comp += stored_layer_bytes(n, k, nnz, m.total_rank, value_bytes, adapter_bytes)
         dense += n * k * value_bytes
     return comp, dense
 

@@ -38,6 +38,7 @@ from torch import nn
 
 from ..api import register_handler, replace_module
 from ..config import SALAADConfig
+from ..formats.bitmap import stored_layer_bytes
 from ..modules.sparse_lowrank_linear import SparseLowRankLinear, iter_sparse_lowrank
 from ..targeting import find_target_linears
 from ..training.finetune import FinetuneConfig, TrainingHooks, _world, finetune
@@ -441,7 +442,7 @@ def parse_budget(budget: Budget) -> BudgetSpec:
 
 def layer_bytes(d: int, k: int, nnz: int, rank: int) -> int:
     """Stored bytes of one layer: bitmap + fp16 values + int64 row offsets + fp16 adapters A [r, k], B [d, r]."""
-    return d * ((k + 7) // 8) + VALUE_BYTES * nnz + 8 * (d + 1) + VALUE_BYTES * rank * (d + k)
+    return stored_layer_bytes(d, k, nnz, rank, VALUE_BYTES, VALUE_BYTES)
 
 
 def layer_params(d: int, k: int, nnz: int, rank: int) -> int:

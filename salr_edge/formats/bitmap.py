@@ -63,6 +63,16 @@ def packed_width(in_features: int) -> int:
     return (in_features + 7) // 8
 
 
+def stored_layer_bytes(out_features: int, in_features: int, nnz: int, rank: int = 0, value_bytes: int = 2,
+                       adapter_bytes: int = 2) -> int:
+    """Stored bytes of one compressed layer: bitmap + values + int64 row offsets + adapters A [r, K], B [N, r].
+
+    The one size formula every budget and size table counts with.
+    """
+    return (out_features * packed_width(in_features) + nnz * value_bytes + 8 * (out_features + 1)
+            + rank * (out_features + in_features) * adapter_bytes)
+
+
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """Pack a bool mask [N, K] into the uint8 bitmap [N, ceil(K/8)], least significant bit first."""
     packed = np.packbits(mask.detach().cpu().numpy().astype(bool), axis=1, bitorder="little")
