@@ -21,6 +21,7 @@ import torch
 
 from ..algorithms.calibration import input_feature_norms
 from ..api import compress_
+from ..checkpoint import save_compressed
 from ..config import SALRConfig
 from ..data import calibration_batches, load_token_stream
 from ..evaluation import perplexity
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--svd-ranks", default="0,16,64", help="SVD residual ranks of the no-fine-tuning variants")
     parser.add_argument("--wanda-svd-ranks", default="0,16,64")
     parser.add_argument("--calib-samples", type=int, default=32, help="512-token WikiText-2 valid windows for Wanda")
+    parser.add_argument("--save-dir", default=None,
+                        help="write each fine-tuned SALR model as a compressed checkpoint DIR/salr-<granularity>")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --output and skip them")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -104,18 +107,25 @@ def main(argv: list[str] | None = None) -> int:
                 del model
         if args.skip_finetune:
             continue
+        salr_name = f"wanda+svd{args.salr_rank}+lora{args.salr_lora_rank}"
+        if (f"SALR {salr_name} (after FT)", gran) in done:
+            continue
         model = copy.deepcopy(base)
         compress_(model, SALRConfig(sparsity=0.5, rank=args.salr_rank, lora_rank=args.salr_lora_rank,
                                     lora_alpha=2.0 * args.salr_lora_rank, pruning="wanda", granularity=gran),
                   input_norms=norms, show_progress=False)
-        record(f"wanda+svd{args.salr_rank}+lora{args.salr_lora_rank} (before FT)", gran, model)
+        if (f"{salr_name} (before FT)", gran) not in done:
+            record(f"{salr_name} (before FT)", gran, model)
         cfg = FinetuneConfig(steps=args.finetune_steps, batch_size=4, seq_len=256, lr=args.lr, warmup_steps=20,
                              max_minutes=args.finetune_minutes, log_every=10)
         t0 = time.time()
         history = finetune(model, valid, cfg, show_progress=False)
-        record(f"SALR wanda+svd{args.salr_rank}+lora{args.salr_lora_rank} (after FT)", gran, model,
+        record(f"SALR {salr_name} (after FT)", gran, model,
                {"finetune_steps": history[-1]["step"], "finetune_seconds": time.time() - t0,
                 "final_loss": history[-1]["loss"]})
+        if args.save_dir:
+            save_compressed(model, Path(args.save_dir) / f"salr-{gran.replace(':', 'of')}", tokenizer=tokenizer,
+                            values_dtype=torch.float16, adapter_dtype=torch.float16)
         del model
     md = ["| variant | granularity | WikiText-2 test ppl | layer bytes (MB) | vs dense fp16 |", "|---|---|---|---|---|"]
     for r in rows:

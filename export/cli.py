@@ -32,15 +32,21 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", default=None,
                         help="local transformers model folder (default: built-in SmolLM2-135M-Instruct)")
     source.add_argument("--checkpoint", default=None,
-                        help="compressed checkpoint folder (from `salr compress` / save_compressed)")
+                        help="compressed checkpoint folder (from `salr compress` / save_compressed), or a "
+                             "SALAAD checkpoint (from `salr salaad train`) to cut with --budget")
     parser.add_argument("--method", choices=["salr", "dense"], default="salr",
                         help="salr: com.salr::SALRLinear nodes; dense: plain MatMul (the baseline)")
     parser.add_argument("--sparsity", type=float, default=None, help="fraction pruned (default 0.5)")
     parser.add_argument("--rank", type=int, default=None, help="SVD residual adapter rank (default 64)")
     parser.add_argument("--granularity", default=None, help="matrix | row | N:M, e.g. 2:4 (default matrix)")
+    parser.add_argument("--budget", default=None,
+                        help="SALAAD checkpoints: size to cut to, as a fraction of the targeted layers' dense fp16 "
+                             "bytes (0.4, 40%%), bytes (40MB) or parameters (20M params); default: as trained")
     parser.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="model dtype, activations included")
     parser.add_argument("--values-dtype", choices=["fp16", "fp32"], default="fp16",
                         help="dtype of the stored non-zeros (fp32 only with --dtype fp32)")
+    parser.add_argument("--lm-head", choices=["float", "int8"], default="float",
+                        help="int8: output projection (and a tied embedding) as ORT MatMulNBits 8-bit, block 32")
     parser.add_argument("--no-function-fallback", action="store_true",
                         help="omit the standard-ONNX function bodies (the model then needs the library)")
     parser.add_argument("--opset", type=int, default=None, help="default-domain ONNX opset (>= 18)")
@@ -75,6 +81,21 @@ def _load(args: argparse.Namespace):
 
     from .architectures import get_architecture
 
+    if args.checkpoint is not None and (Path(args.checkpoint) / "salaad_config.json").is_file():
+        from salr_edge.algorithms.salaad import parse_budget
+        from salr_edge.salaad import extract, read_salaad_config
+
+        directory = Path(args.checkpoint)
+        read_salaad_config(directory)  # format and version before anything heavy
+        if args.budget is not None:
+            parse_budget(args.budget)  # a malformed budget fails before the weights load
+        get_architecture(AutoConfig.from_pretrained(str(directory)))
+        logger.info("cutting SALAAD checkpoint %s to budget %s", directory, args.budget or "as trained")
+        return extract(directory, args.budget), _load_tokenizer(directory)
+
+    if args.budget is not None:
+        raise ValueError("--budget applies only to a SALAAD checkpoint (--checkpoint DIR holding "
+                         "salaad_config.json, from `salr salaad train`)")
     if args.checkpoint is not None:
         from salr_edge.checkpoint import load_compressed, read_salr_config
 
@@ -109,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
     from .exporter import ExportConfig, export_onnx
 
     config = ExportConfig(method=args.method, dtype=args.dtype, values_dtype=args.values_dtype, opset=args.opset,
+                          lm_head=args.lm_head,
                           function_fallback=not args.no_function_fallback,
                           genai_config=not args.no_genai_config, copy_library=not args.no_library_copy)
     given = _compression_options_given(args)

@@ -7,6 +7,7 @@ import os
 
 import onnx
 import pytest
+import torch
 
 from salr_edge.export.cli import main
 from salr_edge.runtime import make_session
@@ -17,10 +18,16 @@ from .helpers import assert_matches_pytorch
 
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
-    """A tiny Llama as a transformers folder, its compressed checkpoint, and a tiny GPT-2 folder."""
+    """A tiny Llama as a transformers folder, its compressed checkpoint, a SALAAD checkpoint of it, and a
+    tiny GPT-2 folder."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from salr_edge.checkpoint import save_compressed
+    from salr_edge.config import SALAADConfig
+    from salr_edge.salaad import save_salaad_checkpoint, train_salaad
+    from salr_edge.training.finetune import FinetuneConfig
+
+    from .conftest import VOCAB
 
     root = tmp_path_factory.mktemp("cli_models")
     tokenizer = make_tiny_tokenizer()
@@ -28,6 +35,11 @@ def tiny_dirs(tmp_path_factory):
     model.save_pretrained(root / "llama")
     tokenizer.save_pretrained(root / "llama")
     save_compressed(make_tiny_model("llama"), root / "ckpt", tokenizer=tokenizer)
+    model = make_tiny_model("llama", compress=False)
+    tokens = torch.randint(0, VOCAB, (2048,), generator=torch.Generator().manual_seed(1))
+    _, trainer = train_salaad(model, tokens, SALAADConfig(target_rank_ratio=0.3, target_density=0.3, admm_every=2),
+                              FinetuneConfig(steps=4, batch_size=2, seq_len=32, warmup_steps=1), show_progress=False)
+    save_salaad_checkpoint(model, trainer, root / "salaad", tokenizer=tokenizer)
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(root / "gpt2")
     return root
 
@@ -81,6 +93,18 @@ def test_checkpoint_export_without_function_fallback(tiny_dirs, tmp_path, capsys
 
     if find_library() is not None:
         assert_matches_pytorch(make_session(out, use_library=True), load_compressed(tiny_dirs / "ckpt"))
+
+
+def test_salaad_checkpoint_export_is_cut_to_the_budget(tiny_dirs, tmp_path, capsys):
+    from salr_edge.salaad import extract
+
+    out = tmp_path / "salaad.onnx"
+    captured = _run_ok([str(out), "--checkpoint", str(tiny_dirs / "salaad"), "--budget", "0.5", "--no-genai-config"],
+                       capsys)
+    assert "14 SALRLinear nodes" in captured.out
+    model = extract(tiny_dirs / "salaad", "0.5")
+    assert model.salr_metadata["config"]["extraction"]["budget"]["value"] == 0.5
+    assert_matches_pytorch(make_session(out), model)
 
 
 def _expect_error(args, capsys, tmp_path, *fragments):
@@ -169,6 +193,16 @@ def test_unwritable_output_folder_as_any_user(tiny_dirs, tmp_path, capsys, monke
 def test_compression_options_conflict_with_a_checkpoint(tiny_dirs, tmp_path, capsys):
     _expect_error([str(tmp_path / "m.onnx"), "--checkpoint", str(tiny_dirs / "ckpt"), "--sparsity", "0.7"],
                   capsys, tmp_path, "--sparsity only apply")
+
+
+def test_budget_needs_a_salaad_checkpoint(tiny_dirs, tmp_path, capsys):
+    _expect_error([str(tmp_path / "m.onnx"), "--checkpoint", str(tiny_dirs / "ckpt"), "--budget", "0.4"],
+                  capsys, tmp_path, "--budget applies only to a SALAAD checkpoint")
+
+
+def test_malformed_budget_is_refused(tiny_dirs, tmp_path, capsys):
+    _expect_error([str(tmp_path / "m.onnx"), "--checkpoint", str(tiny_dirs / "salaad"), "--budget", "1.5x"],
+                  capsys, tmp_path, "cannot read budget '1.5x'")
 
 
 def test_fp16_with_fp32_values_is_refused(tiny_dirs, tmp_path, capsys):
