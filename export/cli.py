@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="model dtype, activations included")
     parser.add_argument("--values-dtype", choices=["fp16", "fp32"], default="fp16",
                         help="dtype of the stored non-zeros (fp32 only with --dtype fp32)")
+    parser.add_argument("--adapter-dtype", choices=["fp16", "fp32"], default=None,
+                        help="dtype of the stored adapters (default: the model's; fp16 in an fp32 model halves "
+                             "their bytes, cast back at load)")
     parser.add_argument("--lm-head", choices=["float", "int8"], default="float",
                         help="int8: output projection (and a tied embedding) as ORT MatMulNBits 8-bit, block 32")
     parser.add_argument("--no-function-fallback", action="store_true",
@@ -130,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     from .exporter import ExportConfig, export_onnx
 
     config = ExportConfig(method=args.method, dtype=args.dtype, values_dtype=args.values_dtype, opset=args.opset,
-                          lm_head=args.lm_head,
+                          adapter_dtype=args.adapter_dtype, lm_head=args.lm_head,
                           function_fallback=not args.no_function_fallback,
                           genai_config=not args.no_genai_config, copy_library=not args.no_library_copy)
     given = _compression_options_given(args)

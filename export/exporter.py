@@ -91,6 +91,9 @@ class ExportConfig(_ConfigMixin):
         copy_library: copy the built custom-op library next to the model and name it in
             genai_config.json (skipped, with a log line, when no library is built).
         check_model: run `onnx.checker.check_model` on the result before publishing it.
+        adapter_dtype: dtype in which A_cat / B_cat are stored; None: the model's. "fp16" in an fp32 model
+            halves the adapters' bytes on disk: a Cast in the graph (folded by ORT at load) feeds the op
+            fp32 adapters, as the op contract asks.
         lm_head: "float" keeps the output projection in the model's dtype; "int8" exports it as ORT's
             `com.microsoft::MatMulNBits` with 8-bit weights (block 32, int8 activations) and a tied input
             embedding gathers from the same int8 table (see `quantized_head`): 0.28x the fp32 bytes of the
@@ -105,6 +108,7 @@ class ExportConfig(_ConfigMixin):
     genai_config: bool = True
     copy_library: bool = True
     check_model: bool = True
+    adapter_dtype: str | None = None
     lm_head: str = "float"
     version: int = 1
 
@@ -125,6 +129,8 @@ class ExportConfig(_ConfigMixin):
             if self.opset < ops_schema.MIN_DEFAULT_OPSET:
                 raise ValueError(f"opset must be >= {ops_schema.MIN_DEFAULT_OPSET} "
                                  f"(the com.salr function bodies need it), got {self.opset}")
+        if self.adapter_dtype is not None and self.adapter_dtype not in DTYPES:
+            raise ValueError(f"adapter_dtype must be None or one of {tuple(DTYPES)}, got {self.adapter_dtype!r}")
         if self.lm_head not in LM_HEADS:
             raise ValueError(f"lm_head must be one of {LM_HEADS}, got {self.lm_head!r}")
         for name in ("function_fallback", "genai_config", "copy_library", "check_model"):
@@ -141,6 +147,10 @@ class ExportConfig(_ConfigMixin):
     @property
     def torch_values_dtype(self) -> torch.dtype:
         return DTYPES[self.values_dtype]
+
+    @property
+    def torch_adapter_dtype(self) -> torch.dtype:
+        return DTYPES[self.adapter_dtype or self.dtype]
 
 
 @dataclass
@@ -526,6 +536,42 @@ def _resolve_weight_transposes(ir_model) -> tuple[int, int]:
     return shared, folded
 
 
+def _narrow_adapters(ir_model, dtype: torch.dtype) -> int:
+    """Store every SALRLinear's A_cat / B_cat in `dtype`, cast back to the activations' type in the graph.
+
+    Done on the IR because the exporter's optimizer folds a traced Cast of a buffer into a new full-width
+    constant. ORT folds the Cast once at session load, so the kernel still reads constant adapters.
+
+    Returns:
+        Number of adapter tensors narrowed.
+    """
+    import onnx_ir as ir
+
+    target = {torch.float16: ir.DataType.FLOAT16, torch.float32: ir.DataType.FLOAT}[dtype]
+    graph = ir_model.graph
+    narrowed = 0
+    for node in list(graph):
+        if node.op_type != ops_schema.SALR_LINEAR or node.domain != ops_schema.SALR_DOMAIN:
+            continue
+        for index in (4, 5):
+            value = node.inputs[index]
+            if (value is None or not value.is_initializer() or value.const_value is None or value.dtype == target
+                    or len(list(value.uses())) != 1):
+                continue
+            wide = value.dtype
+            narrow = ir.Value(name=value.name, shape=value.shape, type=ir.TensorType(target),
+                              const_value=ir.tensor(value.const_value.numpy().astype(target.numpy())))
+            graph.initializers.pop(value.name)
+            graph.register_initializer(narrow)
+            cast = ir.node("Cast", [narrow], {"to": wide}, name=f"{node.name}/Cast_{index}")
+            cast.outputs[0].name = f"{value.name}/cast"
+            cast.outputs[0].dtype, cast.outputs[0].shape = wide, value.shape
+            graph.insert_before(node, cast)
+            node.replace_input_with(index, cast.outputs[0])
+            narrowed += 1
+    return narrowed
+
+
 def _add_functions(ir_model, used_ops: set[str]) -> None:
     """Append the model-local function bodies of the com.salr ops the graph uses."""
     import onnx_ir as ir
@@ -615,6 +661,9 @@ def export_onnx(model: nn.Module, output_path: str | os.PathLike, config: Export
         shared, folded = _resolve_weight_transposes(ir_model)
         logger.info("weights transposed at export: %d folded, %d read in place from a tied tensor", folded, shared)
         _rename(ir_model)
+        if config.method == "salr" and config.torch_adapter_dtype != config.torch_dtype:
+            logger.info("adapters stored in %s: %d tensors", config.adapter_dtype, _narrow_adapters(ir_model,
+                        config.torch_adapter_dtype))
         for node in ir_model.graph:
             # The tracer's per-node provenance (module stack, FX node text) is now in the node names;
             # kept, it is most of the graph file (SmolLM2: ~4 of 5 MB).

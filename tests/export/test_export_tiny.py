@@ -102,6 +102,30 @@ def test_values_and_adapters_are_stored_as_configured(exported):
     assert types["model.layers.0.mlp.down_proj.A_cat"] == onnx.TensorProto.FLOAT
 
 
+def test_fp16_adapters_in_an_fp32_model_are_cast_back_in_the_graph(tmp_path):
+    from salr_edge.export.exporter import _export_view
+
+    from .conftest import find_library
+
+    model = make_tiny_model("llama")
+    config = ExportConfig(adapter_dtype="fp16", genai_config=False)
+    out = tmp_path / "model.onnx"
+    export_onnx(model, out, config)
+    graph = onnx.load(str(out), load_external_data=False).graph
+    types = {i.name: i.data_type for i in graph.initializer}
+    assert types["model.layers.0.mlp.down_proj.A_cat"] == onnx.TensorProto.FLOAT16
+    assert types["model.layers.0.mlp.down_proj.B_cat"] == onnx.TensorProto.FLOAT16
+    node = next(n for n in graph.node if n.name == "/model/layers.0/mlp/down_proj/SALRLinear")
+    assert node.input[4] == "model.layers.0.mlp.down_proj.A_cat/cast"
+    with _export_view(model, config) as target:  # the reference: the same adapters rounded through fp16
+        for module in target.modules():
+            if isinstance(module, _SALRLinearExport):
+                module.A_cat.copy_(module.A_cat.half().float())
+                module.B_cat.copy_(module.B_cat.half().float())
+        for use_library in (False, True) if find_library() else (False,):
+            assert_matches_pytorch(make_session(out, use_library=use_library), target)
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_export_leaves_the_model_untouched(exported, arch):
     e = exported(arch)  # exported earlier in the session (or now)
@@ -213,6 +237,7 @@ def test_a_failing_export_leaves_no_file_and_restores_the_model(tmp_path, monkey
     (dict(dtype="bf16"), "dtype must be one of"),
     (dict(dtype="fp16", values_dtype="fp32"), "needs dtype='fp32'"),
     (dict(opset=17), "opset must be >= 18"),
+    (dict(adapter_dtype="int8"), "adapter_dtype must be None or one of"),
     (dict(version=2), "version 2 is not supported"),
 ])
 def test_export_config_validates(kwargs, match):
