@@ -296,6 +296,25 @@ def test_extraction_hits_the_budget_and_keeps_the_largest_parts(tmp_path, traine
     assert json.loads((tmp_path / "cut" / "salr_config.json").read_text())["method"] == "salaad"
 
 
+def test_a_model_converted_from_gguf_saves_and_loads(trained, tmp_path):
+    """The built-in model's config still names its GGUF source, which makes `save_pretrained` refuse it."""
+    from transformers import AutoModelForCausalLM
+
+    model, trainer, _ = trained
+    model.save_pretrained(tmp_path / "src")
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gguf", "dequantize": False}
+    (tmp_path / "src" / "config.json").write_text(json.dumps(config))
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "src")
+    with pytest.raises(ValueError, match="gguf"):
+        converted.save_pretrained(tmp_path / "refused")
+    save_salaad_checkpoint(converted, trainer, tmp_path / "ckpt")
+    loaded, states, _ = load_salaad_checkpoint(tmp_path / "ckpt")
+    for (name, want), got in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(want, got), name
+    assert states.keys() == trainer.states.keys()
+
+
 def test_extract_rejects_checkpoints_without_salaad_state(tmp_path):
     with pytest.raises(FileNotFoundError):
         extract(tmp_path / "missing", 0.5)
