@@ -200,6 +200,8 @@ def finetune(model: nn.Module, tokens: torch.Tensor, cfg: FinetuneConfig, show_p
     optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
     out_dir = Path(cfg.output_dir) if cfg.output_dir else None
+    if out_dir is not None and rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)  # now, not when the first state is saved minutes later
     step, history = 0, []
     if cfg.resume and out_dir is not None:
         step, history = _load_state(out_dir, model, optimizer, scheduler, hooks)

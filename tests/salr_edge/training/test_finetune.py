@@ -55,6 +55,12 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_a_new_output_dir_is_created_for_the_trainer_state(tmp_path):
+    out = tmp_path / "new" / "run"
+    finetune(_compressed(), TOKENS, _cfg(output_dir=str(out), max_minutes=0.0), show_progress=False)
+    assert (out / "trainer_state").is_dir()
+
+
 def test_model_without_adapters_is_rejected():
     model = make_tiny_llama()
     compress_(model, SALRConfig(rank=0, lora_rank=0), show_progress=False)
