@@ -33,12 +33,19 @@ def baseline_dir(source: str | None) -> Path:
     return cache_dir() / "bench" / _source_key(source)
 
 
+def _variant(name: str) -> str:
+    """Cache folder of a baseline: named after the exporter's default opset, so a new default rebuilds it."""
+    from ..export.exporter import DEFAULT_OPSET
+
+    return f"{name}_opset{DEFAULT_OPSET}"
+
+
 def dense_baseline(source: str | None, refresh: bool = False) -> Path:
     """The dense fp32 export of `source` (None: the default model), built once and cached."""
     from ..export.exporter import ExportConfig, export_onnx
     from ..models import load_model
 
-    target = baseline_dir(source) / "dense_fp32"
+    target = baseline_dir(source) / _variant("dense_fp32")
     model_path = target / "model.onnx"
     if model_path.is_file() and not refresh:
         return model_path
@@ -56,7 +63,7 @@ def int4_baseline(source: str | None, refresh: bool = False) -> Path:
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    target = baseline_dir(source) / "int4_matmulnbits"
+    target = baseline_dir(source) / _variant("int4_matmulnbits")
     model_path = target / "model.onnx"
     if model_path.is_file() and not refresh:
         return model_path

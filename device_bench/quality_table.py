@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                {"finetune_steps": history[-1]["step"], "finetune_seconds": time.time() - t0,
                 "final_loss": history[-1]["loss"]})
         if args.save_dir:
+            Path(args.save_dir).mkdir(parents=True, exist_ok=True)
             save_compressed(model, Path(args.save_dir) / f"salr-{gran.replace(':', 'of')}", tokenizer=tokenizer,
                             values_dtype=torch.float16, adapter_dtype=torch.float16)
         del model

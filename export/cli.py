@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="int8: output projection (and a tied embedding) as ORT MatMulNBits 8-bit, block 32")
     parser.add_argument("--no-function-fallback", action="store_true",
                         help="omit the standard-ONNX function bodies (the model then needs the library)")
-    parser.add_argument("--opset", type=int, default=None, help="default-domain ONNX opset (>= 18)")
+    parser.add_argument("--opset", type=int, default=None,
+                        help="default-domain ONNX opset (default 23: fused norm, rotary and attention ops; "
+                             "18 for an ONNX Runtime without opset 23)")
     parser.add_argument("--no-genai-config", action="store_true",
                         help="write only the model: no genai_config.json, tokenizer or library copy")
     parser.add_argument("--no-library-copy", action="store_true",

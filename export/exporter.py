@@ -53,6 +53,10 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("salr", "dense")
 LM_HEADS = ("float", "int8")
+# At opset 23 torch's exporter emits RMSNormalization, RotaryEmbedding and Attention (grouped-query, with the
+# past concatenated) instead of ~40 elementwise/reshape nodes per layer, and ORT runs them as fused kernels
+# (checked on ORT 1.32). A runtime without opset 23 needs `opset=18`.
+DEFAULT_OPSET = 23
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16}
 
 INPUT_IDS = "input_ids"
@@ -84,7 +88,7 @@ class ExportConfig(_ConfigMixin):
         dtype: "fp32" or "fp16": the dtype of the whole model, activations included.
         values_dtype: dtype of the stored non-zeros, "fp16" (the main CPU case: half the bytes) or
             "fp32" (only with dtype "fp32").
-        opset: default-domain ONNX opset (None: torch's default; at least 18 with function bodies).
+        opset: default-domain ONNX opset (None: `DEFAULT_OPSET`; at least 18 with function bodies).
         function_fallback: append the standard-ONNX function bodies of the com.salr ops so the model
             also runs on an ONNX Runtime without the custom-op library.
         genai_config: write `genai_config.json` and the tokenizer files for onnxruntime-genai.
@@ -653,7 +657,8 @@ def export_onnx(model: nn.Module, output_path: str | os.PathLike, config: Export
                 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
                 program = torch.onnx.export(
                     wrapper, args, dynamo=True, dynamic_shapes=_dynamic_shapes(layout.num_layers),
-                    input_names=input_names, output_names=output_names, opset_version=config.opset,
+                    input_names=input_names, output_names=output_names,
+                    opset_version=config.opset or DEFAULT_OPSET,
                     optimize=True, verbose=False)
             logger.info("traced in %.1f s", time.perf_counter() - t0)
         ir_model = program.model

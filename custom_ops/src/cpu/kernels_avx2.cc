@@ -134,8 +134,10 @@ inline void rows_unstructured(const uint8_t* const* bm, const uint8_t** vp, cons
   for (; g + 2 <= width; g += 2) {
     if ((g & 15) == 0) {
       for (int r = 0; r < R; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(v[r] + kPrefetchValueBytes), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(v[r] + kPrefetchValueBytes + 64), _MM_HINT_T0);
+        // 16 bytes of a half-full bitmap own 128 value bytes in fp16, 256 in fp32: one prefetch per line.
+        for (int64_t line = 0; line < 2 * kValueSize<V>; line += 1) {
+          _mm_prefetch(reinterpret_cast<const char*>(v[r] + kPrefetchValueBytes + 64 * line), _MM_HINT_T0);
+        }
         _mm_prefetch(reinterpret_cast<const char*>(bm[r] + g + kPrefetchBitmapBytes), _MM_HINT_T0);
       }
     }
@@ -180,8 +182,9 @@ inline void rows_two_four_f32(const uint8_t* const* bm, const uint8_t** vp, cons
   for (; g + 2 <= width; g += 2) {
     if ((g & 15) == 0) {
       for (int r = 0; r < R; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(vp[r] + 16 * g + kPrefetchValueBytes), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(vp[r] + 16 * g + kPrefetchValueBytes + 64), _MM_HINT_T0);
+        for (int line = 0; line < 4; ++line) {  // 16 bytes own 64 fp32 values: 4 lines
+          _mm_prefetch(reinterpret_cast<const char*>(vp[r] + 16 * g + kPrefetchValueBytes + 64 * line), _MM_HINT_T0);
+        }
         _mm_prefetch(reinterpret_cast<const char*>(bm[r] + g + kPrefetchBitmapBytes), _MM_HINT_T0);
       }
     }
@@ -227,7 +230,9 @@ inline void rows_two_four_f16(const uint8_t* const* bm, const uint8_t** vp, cons
   for (; g + 4 <= width; g += 4) {
     if ((g & 15) == 0) {
       for (int r = 0; r < R; ++r) {
+        // 16 bytes own 64 fp16 values: 2 lines
         _mm_prefetch(reinterpret_cast<const char*>(vp[r] + 8 * g + kPrefetchValueBytes), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(vp[r] + 8 * g + kPrefetchValueBytes + 64), _MM_HINT_T0);
         _mm_prefetch(reinterpret_cast<const char*>(bm[r] + g + kPrefetchBitmapBytes), _MM_HINT_T0);
       }
     }

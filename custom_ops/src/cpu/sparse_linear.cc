@@ -28,6 +28,9 @@ constexpr int64_t kSmallSpanBytes = 64;  // 512 columns per expanded row buffer:
 constexpr int64_t kLargeChunkRows = 32;
 constexpr int64_t kLargeSpanBytes = 16;
 constexpr int64_t kLargeMBlock = 64;  // outputs per register block (8 AVX2 / 16 NEON vectors)
+// X A^T up to this many multiply-adds runs on the calling thread: a pool dispatch costs more than the work
+// (SmolLM2 decode: 210 layers per token, rank ~11 x 576 columns each).
+constexpr int64_t kSerialAdapterMacs = 1 << 16;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -220,7 +223,10 @@ void sparse_linear(const KernelSet& ks, const SparseWeight& w, const AdapterTerm
   job.y = y;
   if (m < kLargeM) {
     std::vector<float> t(static_cast<size_t>(m * ad.rank));
-    if (ad.rank > 0) dense_nt(ks, m, ad.rank, w.cols, x, ldx, ad.a, w.cols, t.data(), ad.rank, runner);
+    if (ad.rank > 0) {
+      const bool serial = m * ad.rank * w.cols <= kSerialAdapterMacs;
+      dense_nt(ks, m, ad.rank, w.cols, x, ldx, ad.a, w.cols, t.data(), ad.rank, serial ? serial_runner() : runner);
+    }
     job.t = t.data();
     if (m == 1) {
       job.chunk_rows = kGemvChunkRows;
