@@ -135,7 +135,7 @@ inline void rows_unstructured(const uint8_t* const* bm, const uint8_t** vp, cons
     if ((g & 15) == 0) {
       for (int r = 0; r < R; ++r) {
         // 16 bytes of a half-full bitmap own 128 value bytes in fp16, 256 in fp32: one prefetch per line.
-        for (int64_t line = 0; line < 2 * kValueSize<V>; line += 1) {
+        for (int64_t line = 0; line < 2 * kValueSize<V>; ++line) {
           _mm_prefetch(reinterpret_cast<const char*>(v[r] + kPrefetchValueBytes + 64 * line), _MM_HINT_T0);
         }
         _mm_prefetch(reinterpret_cast<const char*>(bm[r] + g + kPrefetchBitmapBytes), _MM_HINT_T0);
