@@ -241,19 +241,22 @@ void sparse_linear(const KernelSet& ks, const SparseWeight& w, const AdapterTerm
   const int64_t kx = w.width * 8;
   const int64_t mpad = ceil_div(m, 8) * 8;
   const int64_t tile_rows = kx + ad.rank;
-  std::vector<float> xt(static_cast<size_t>(tile_rows * mpad));
-  job.xt = xt.data();
+  // 64-byte aligned: every 32-byte load of an X^T row then stays within one cache line (malloc's 16-byte
+  // alignment split half of them across two lines).
+  std::vector<float> xt_store(static_cast<size_t>(tile_rows * mpad + 16));
+  float* xt = xt_store.data() + (16 - (reinterpret_cast<uintptr_t>(xt_store.data()) / sizeof(float)) % 16) % 16;
+  job.xt = xt;
   job.mpad = mpad;
   job.mblocks = ceil_div(mpad, kLargeMBlock);
   job.k_span_bytes = kLargeSpanBytes;
   job.chunk_rows = std::min(kLargeChunkRows, std::max<int64_t>(8, ceil_div(n, 8)));
-  TransposeJob tx{x, ldx, m, kx, 0, tile_rows, mpad, xt.data()};
+  TransposeJob tx{x, ldx, m, kx, 0, tile_rows, mpad, xt};
   runner(job.mblocks, transpose_task, &tx);
   std::vector<float> t;
   if (ad.rank > 0) {
     t.resize(static_cast<size_t>(m * ad.rank));
     dense_nt(ks, m, ad.rank, w.cols, x, ldx, ad.a, w.cols, t.data(), ad.rank, runner);
-    TransposeJob tt{t.data(), ad.rank, m, ad.rank, kx, tile_rows, mpad, xt.data()};
+    TransposeJob tt{t.data(), ad.rank, m, ad.rank, kx, tile_rows, mpad, xt};
     runner(job.mblocks, transpose_task, &tt);
   }
   runner(ceil_div(n, job.chunk_rows), large_m_task, &job);
