@@ -13,11 +13,16 @@ inline constexpr int kOpsetVersion = 1;
 inline constexpr char kBitmapDecodeOp[] = "BitmapDecode";
 inline constexpr char kFusedAdapterGemmOp[] = "FusedAdapterGemm";
 inline constexpr char kSALRLinearOp[] = "SALRLinear";
+inline constexpr char kSALRLinearQOp[] = "SALRLinearQ";
 
 // Attribute holding K (in_features) on BitmapDecode and SALRLinear.
 inline constexpr char kInFeaturesAttr[] = "in_features";
+// Attributes of SALRLinearQ: value bits (4 or 8) and the number of consecutive non-zeros sharing a scale.
+inline constexpr char kBitsAttr[] = "bits";
+inline constexpr char kGroupSizeAttr[] = "group_size";
 
-// Version of the bitmap weight format the kernels read (DESIGN.md section 2).
-inline constexpr int kBitmapFormatVersion = 1;
+// Newest version of the bitmap weight format the kernels read (DESIGN.md section 2; version 2 adds int8 /
+// int4 values with fp16 group scales, custom_ops/README.md).
+inline constexpr int kBitmapFormatVersion = 2;
 
 }  // namespace salr

@@ -5,6 +5,7 @@
 // Every op is registered once per supported type combination (ORT merges same-name registrations into one
 // schema and binds each node to the kernel matching its types):
 //   SALRLinear       (X, values) in {(f32, f32), (f32, f16), (f16, f16)}
+//   SALRLinearQ      X in {f32, f16} x values in {int8 (bits 8), uint8 (packed int4)}, scales f16
 //   BitmapDecode     values in {f32, f16}  -> W has the values' type
 //   FusedAdapterGemm X in {f32, f16}
 #include "cpu_ops.h"
@@ -29,6 +30,7 @@ namespace {
 constexpr ONNXTensorElementDataType kF32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 constexpr ONNXTensorElementDataType kF16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
 constexpr ONNXTensorElementDataType kU8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+constexpr ONNXTensorElementDataType kI8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
 constexpr ONNXTensorElementDataType kI64 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
 
 // An input that does not satisfy the op's contract: reported as ORT_INVALID_ARGUMENT.
@@ -134,64 +136,90 @@ std::vector<int64_t> shape_of(const Ort::ConstValue& v) { return v.GetTensorType
 
 // bitmap / values / row_offsets of one weight. Validated once at construction when all three are constant
 // initializers (ORT hands the same buffers to every run, which is re-checked by pointer), else on every run.
+// Quantized values (format v2): the attributes and where the scales input is.
+struct Quantization {
+  int bits = 0;  // 0: float values
+  int64_t group_size = 0;
+  size_t scales_index = 0;
+};
+
 class BitmapWeightInput {
  public:
   void init(const Ort::ConstKernelInfo& info, const std::string& label, int64_t in_features, size_t first,
-            ValueType vtype) {
+            ValueType vtype, Quantization q = {}) {
     label_ = label;
     k_ = in_features;
-    first_ = first;
     vtype_ = vtype;
-    Ort::ConstValue t[3] = {constant_input(info, first), constant_input(info, first + 1),
-                            constant_input(info, first + 2)};
-    if (!present(t[0]) || !present(t[1]) || !present(t[2])) return;
-    BitmapTensors bt = tensors(t[0], t[1], t[2]);
+    q_ = q;
+    index_[0] = first;
+    index_[1] = first + 1;
+    index_[2] = first + 2;
+    index_[3] = q.scales_index;
+    Ort::ConstValue t[4];
+    for (int i = 0; i < count(); ++i) {
+      t[i] = constant_input(info, index_[i]);
+      if (!present(t[i])) return;
+    }
+    BitmapTensors bt = tensors(t);
     const std::string err = check_bitmap_weight(label_.c_str(), k_, bt, &cached_);
     if (!err.empty()) throw InvalidInput(err);
-    cached_shapes_[0] = bt.bitmap_shape;
-    cached_shapes_[1] = bt.values_shape;
-    cached_shapes_[2] = bt.offsets_shape;
+    for (int i = 0; i < count(); ++i) cached_shapes_[i] = shape_of(t[i]);
     constant_ = true;
   }
 
   SparseWeight get(const Ort::KernelContext& ctx) const {
-    Ort::ConstValue t[3] = {ctx.GetInput(first_), ctx.GetInput(first_ + 1), ctx.GetInput(first_ + 2)};
-    for (int i = 0; i < 3; ++i) {
+    Ort::ConstValue t[4];
+    for (int i = 0; i < count(); ++i) {
+      t[i] = ctx.GetInput(index_[i]);
       if (!present(t[i])) throw InvalidInput(label_ + ": input '" + kNames[i] + "' is missing");
     }
-    if (constant_ && t[0].GetTensorRawData() == cached_.bitmap && t[1].GetTensorRawData() == cached_.values &&
-        t[2].GetTensorRawData() == cached_.row_offsets && shape_of(t[0]) == cached_shapes_[0] &&
-        shape_of(t[1]) == cached_shapes_[1] && shape_of(t[2]) == cached_shapes_[2]) {
-      return cached_;
+    bool same = constant_;
+    for (int i = 0; same && i < count(); ++i) {
+      same = t[i].GetTensorRawData() == cached_data(i) && shape_of(t[i]) == cached_shapes_[i];
     }
+    if (same) return cached_;
     SparseWeight w;
-    const std::string err = check_bitmap_weight(label_.c_str(), k_, tensors(t[0], t[1], t[2]), &w);
+    const std::string err = check_bitmap_weight(label_.c_str(), k_, tensors(t), &w);
     if (!err.empty()) throw InvalidInput(err);
     return w;
   }
 
  private:
-  static constexpr const char* kNames[3] = {"bitmap", "values", "row_offsets"};
+  static constexpr const char* kNames[4] = {"bitmap", "values", "row_offsets", "scales"};
 
-  BitmapTensors tensors(const Ort::ConstValue& bm, const Ort::ConstValue& vals, const Ort::ConstValue& off) const {
+  int count() const { return q_.bits ? 4 : 3; }
+
+  const void* cached_data(int i) const {
+    const void* data[4] = {cached_.bitmap, cached_.values, cached_.row_offsets, cached_.scales};
+    return data[i];
+  }
+
+  BitmapTensors tensors(const Ort::ConstValue* t) const {
     BitmapTensors bt;
-    bt.bitmap_shape = shape_of(bm);
-    bt.values_shape = shape_of(vals);
-    bt.offsets_shape = shape_of(off);
-    bt.bitmap = static_cast<const uint8_t*>(bm.GetTensorRawData());
-    bt.values = vals.GetTensorRawData();
-    bt.row_offsets = static_cast<const int64_t*>(off.GetTensorRawData());
+    bt.bitmap_shape = shape_of(t[0]);
+    bt.values_shape = shape_of(t[1]);
+    bt.offsets_shape = shape_of(t[2]);
+    bt.bitmap = static_cast<const uint8_t*>(t[0].GetTensorRawData());
+    bt.values = t[1].GetTensorRawData();
+    bt.row_offsets = static_cast<const int64_t*>(t[2].GetTensorRawData());
     bt.vtype = vtype_;
+    if (q_.bits) {
+      bt.bits = q_.bits;
+      bt.group_size = q_.group_size;
+      bt.scales_shape = shape_of(t[3]);
+      bt.scales = static_cast<const uint16_t*>(t[3].GetTensorRawData());
+    }
     return bt;
   }
 
   std::string label_;
   int64_t k_ = 0;
-  size_t first_ = 0;
+  size_t index_[4] = {};
   ValueType vtype_ = ValueType::kFloat16;
+  Quantization q_;
   bool constant_ = false;
   SparseWeight cached_;
-  std::vector<int64_t> cached_shapes_[3];
+  std::vector<int64_t> cached_shapes_[4];
 };
 
 // A float input (adapter factor, bias) needed in fp32. A constant fp16 initializer is converted once.
@@ -287,17 +315,41 @@ OrtStatusPtr guarded(F&& body) {
 
 // ---------------------------------------------------------------------------------------------- SALRLinear
 
+int64_t read_int_attribute(const Ort::ConstKernelInfo& info, const char* name, const std::string& label) {
+  try {
+    return info.GetAttribute<int64_t>(name);
+  } catch (const Ort::Exception& e) {
+    throw InvalidInput(label + ": missing or invalid int attribute '" + name + "': " + e.what());
+  }
+}
+
+// SALRLinear: X, bitmap, values, row_offsets, A_cat, B_cat, bias?
+// SALRLinearQ: X, bitmap, values, row_offsets, scales, A_cat, B_cat, bias? (attributes bits, group_size)
 class SALRLinearKernel {
  public:
-  SALRLinearKernel(const OrtKernelInfo* ort_info, bool x_f16, ValueType vtype)
+  SALRLinearKernel(const OrtKernelInfo* ort_info, bool x_f16, ValueType vtype, int quantized_bits = 0)
       : x_f16_(x_f16), ks_(best_kernels()) {
     Ort::ConstKernelInfo info{ort_info};
-    label_ = node_label(info, kSALRLinearOp);
+    label_ = node_label(info, quantized_bits ? kSALRLinearQOp : kSALRLinearOp);
     k_ = read_in_features(info, label_);
-    weight_.init(info, label_, k_, 1, vtype);
-    a_.init(info, 4, x_f16, ks_);
-    b_.init(info, 5, x_f16, ks_);
-    bias_.init(info, 6, x_f16, ks_);
+    Quantization q;
+    if (quantized_bits) {
+      q.bits = static_cast<int>(read_int_attribute(info, kBitsAttr, label_));
+      q.group_size = read_int_attribute(info, kGroupSizeAttr, label_);
+      q.scales_index = 4;
+      if (q.bits != quantized_bits) {
+        throw InvalidInput(label_ + ": attribute 'bits' = " + std::to_string(q.bits) + " does not match input 'values' (" +
+                           (quantized_bits == 8 ? "int8: bits = 8" : "uint8: packed int4, bits = 4") + ")");
+      }
+      if (q.group_size < 1) {
+        throw InvalidInput(label_ + ": attribute 'group_size' must be >= 1, got " + std::to_string(q.group_size));
+      }
+    }
+    adapter_index_ = quantized_bits ? 5 : 4;
+    weight_.init(info, label_, k_, 1, vtype, q);
+    a_.init(info, adapter_index_, x_f16, ks_);
+    b_.init(info, adapter_index_ + 1, x_f16, ks_);
+    bias_.init(info, adapter_index_ + 2, x_f16, ks_);
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
@@ -309,9 +361,10 @@ class SALRLinearKernel {
     const SparseWeight w = weight_.get(ctx);
     const int64_t n = w.rows;
     Ort::ConstValue x = ctx.GetInput(0);
-    Ort::ConstValue a = ctx.GetInput(4);
-    Ort::ConstValue b = ctx.GetInput(5);
-    Ort::ConstValue bias = ctx.GetInputCount() > 6 ? ctx.GetInput(6) : Ort::ConstValue{nullptr};
+    Ort::ConstValue a = ctx.GetInput(adapter_index_);
+    Ort::ConstValue b = ctx.GetInput(adapter_index_ + 1);
+    Ort::ConstValue bias =
+        ctx.GetInputCount() > adapter_index_ + 2 ? ctx.GetInput(adapter_index_ + 2) : Ort::ConstValue{nullptr};
     const std::vector<int64_t> x_shape = shape_of(x);
     const int64_t m = activation_rows(label_, x_shape, k_);
     const std::vector<int64_t> a_shape = shape_of(a);
@@ -353,6 +406,7 @@ class SALRLinearKernel {
   const KernelSet& ks_;
   std::string label_;
   int64_t k_ = 0;
+  size_t adapter_index_ = 4;
   BitmapWeightInput weight_;
   FloatInput a_, b_, bias_;
 };
@@ -375,6 +429,32 @@ struct SALRLinearOp : Ort::CustomOpBase<SALRLinearOp<TX, TV>, SALRLinearKernel, 
   }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
     return index == 6 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return TX; }
+};
+
+// X in {f32, f16}; values int8 (bits 8) or uint8 (packed int4); scales f16.
+template <ONNXTensorElementDataType TX, ONNXTensorElementDataType TV>
+struct SALRLinearQOp : Ort::CustomOpBase<SALRLinearQOp<TX, TV>, SALRLinearKernel, true> {
+  static constexpr int kBits = TV == kI8 ? 8 : 4;
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    return guarded([&] { *kernel = new SALRLinearKernel(info, TX == kF16, ValueType::kFloat32, kBits); });
+  }
+  const char* GetName() const { return kSALRLinearQOp; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 8; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    switch (index) {
+      case 1: return kU8;
+      case 2: return TV;
+      case 3: return kI64;
+      case 4: return kF16;
+      default: return TX;
+    }
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index == 7 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return TX; }
@@ -509,12 +589,17 @@ void RegisterOps(Ort::CustomOpDomain& domain) {
   static const SALRLinearOp<kF32, kF32> salr_f32_f32;
   static const SALRLinearOp<kF32, kF16> salr_f32_f16;
   static const SALRLinearOp<kF16, kF16> salr_f16_f16;
+  static const SALRLinearQOp<kF32, kI8> salrq_f32_i8;
+  static const SALRLinearQOp<kF32, kU8> salrq_f32_u4;
+  static const SALRLinearQOp<kF16, kI8> salrq_f16_i8;
+  static const SALRLinearQOp<kF16, kU8> salrq_f16_u4;
   static const BitmapDecodeOp<kF32> decode_f32;
   static const BitmapDecodeOp<kF16> decode_f16;
   static const FusedAdapterGemmOp<kF32> adapter_f32;
   static const FusedAdapterGemmOp<kF16> adapter_f16;
   for (const OrtCustomOp* op : std::initializer_list<const OrtCustomOp*>{
-           &salr_f32_f32, &salr_f32_f16, &salr_f16_f16, &decode_f32, &decode_f16, &adapter_f32, &adapter_f16}) {
+           &salr_f32_f32, &salr_f32_f16, &salr_f16_f16, &salrq_f32_i8, &salrq_f32_u4, &salrq_f16_i8, &salrq_f16_u4,
+           &decode_f32, &decode_f16, &adapter_f32, &adapter_f16}) {
     domain.Add(op);
   }
 }

@@ -38,6 +38,30 @@ std::string prefix(const char* op, const char* input) {
   return std::string(op) + ": input '" + input + "': ";
 }
 
+// Lengths of the quantized values and of the scales for nnz = row_offsets[N] values (already checked
+// against the bitmap), and the unused high nibble of an odd int4 count.
+std::string check_quantized_values(const char* op, const BitmapTensors& t, int64_t nnz) {
+  std::ostringstream err;
+  const int64_t want_values = t.bits == 8 ? nnz : nnz / 2 + nnz % 2;
+  if (t.values_shape[0] != want_values) {
+    err << prefix(op, "values") << "expected " << want_values << (t.bits == 8 ? " int8 values" : " bytes of packed int4")
+        << " for nnz = row_offsets[N] = " << nnz << ", got shape " << shape_to_string(t.values_shape);
+    return err.str();
+  }
+  if (t.bits == 4 && nnz % 2 == 1 && (static_cast<const uint8_t*>(t.values)[want_values - 1] >> 4) != 0) {
+    err << prefix(op, "values") << "expected the unused high nibble of the last byte to be 0 (nnz = " << nnz
+        << " is odd), got byte 0x" << std::hex << int(static_cast<const uint8_t*>(t.values)[want_values - 1]);
+    return err.str();
+  }
+  const int64_t groups = nnz / t.group_size + (nnz % t.group_size != 0);
+  if (t.scales_shape.size() != 1 || t.scales_shape[0] != groups) {
+    err << prefix(op, "scales") << "expected shape [ceil(nnz / group_size)] = [" << groups << "] (nnz = " << nnz
+        << ", group_size = " << t.group_size << "), got " << shape_to_string(t.scales_shape);
+    return err.str();
+  }
+  return std::string();
+}
+
 }  // namespace
 
 std::string shape_to_string(const std::vector<int64_t>& shape) {
@@ -76,13 +100,22 @@ std::string check_bitmap_weight(const char* op, int64_t in_features, const Bitma
     err << prefix(op, "values") << "expected rank 1, got shape " << shape_to_string(t.values_shape);
     return err.str();
   }
-  const int64_t nnz = t.values_shape[0];
+  if (t.bits != 0 && t.bits != 4 && t.bits != 8) {
+    err << op << ": attribute 'bits' must be 4 or 8, got " << t.bits;
+    return err.str();
+  }
+  if (t.bits != 0 && t.group_size < 1) {
+    err << op << ": attribute 'group_size' must be >= 1, got " << t.group_size;
+    return err.str();
+  }
   const int64_t* off = t.row_offsets;
+  // quantized values: nnz comes from the offsets (checked against the popcounts below), then the lengths
+  const int64_t nnz = t.bits == 0 ? t.values_shape[0] : off[n];
   if (off[0] != 0) {
     err << prefix(op, "row_offsets") << "expected row_offsets[0] = 0, got " << off[0];
     return err.str();
   }
-  if (off[n] != nnz) {
+  if (t.bits == 0 && off[n] != nnz) {
     err << prefix(op, "row_offsets") << "expected row_offsets[N] = len(values) = " << nnz << ", got " << off[n];
     return err.str();
   }
@@ -118,6 +151,10 @@ std::string check_bitmap_weight(const char* op, int64_t in_features, const Bitma
       }
     }
   }
+  if (t.bits != 0) {
+    const std::string err_q = check_quantized_values(op, t, nnz);
+    if (!err_q.empty()) return err_q;
+  }
   out->bitmap = t.bitmap;
   out->values = t.values;
   out->row_offsets = t.row_offsets;
@@ -127,6 +164,9 @@ std::string check_bitmap_weight(const char* op, int64_t in_features, const Bitma
   out->nnz = nnz;
   out->vtype = t.vtype;
   out->two_four = two_four && n > 0;
+  out->bits = t.bits;
+  out->scales = t.scales;
+  out->group_size = t.group_size;
   return std::string();
 }
 

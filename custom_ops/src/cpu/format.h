@@ -18,6 +18,12 @@ struct BitmapTensors {
   const void* values = nullptr;
   const int64_t* row_offsets = nullptr;
   ValueType vtype = ValueType::kFloat16;
+  // Format v2: bits 8 (values int8 [nnz]) or 4 (values uint8 [ceil(nnz / 2)]), fp16 scales
+  // [ceil(nnz / group_size)]; nnz is then row_offsets[N]. bits 0: float values (v1).
+  int bits = 0;
+  int64_t group_size = 0;
+  std::vector<int64_t> scales_shape;
+  const uint16_t* scales = nullptr;
 };
 
 // Validates `t` against in_features = K. On success fills `out` (including the 2:4 flag) and returns "";

@@ -30,7 +30,18 @@ struct SparseWeight {
   // Every aligned group of 4 columns keeps exactly 2 and cols % 8 == 0: each bitmap byte then owns
   // exactly 4 values, so value offsets are fixed and the popcount chain disappears.
   bool two_four = false;
+  // Format v2 (quantized values): 0 for float values (vtype applies); 8: int8 q; 4: packed nibbles, value i
+  // in byte i / 2 (low nibble first), q = nibble - 8. Value i is q_i * scales[i / group_size].
+  int bits = 0;
+  const uint16_t* scales = nullptr;  // fp16 [ceil(nnz / group_size)]
+  int64_t group_size = 0;
 };
+
+// Whether the batch-1 integer path applies to a quantized weight: 2:4 rows of whole 64-column steps,
+// groups of whole steps that never span rows (each row holds K/2 values).
+inline bool int_path_applies(const SparseWeight& w) {
+  return w.bits != 0 && w.two_four && w.cols % 64 == 0 && w.group_size % 32 == 0 && (w.cols / 2) % w.group_size == 0;
+}
 
 // Low-rank adapter and bias of SALRLinear, already in fp32.
 struct AdapterTerms {
@@ -67,6 +78,11 @@ struct KernelSet {
                      float* acc, int nvec);
   void (*f16_to_f32)(const uint16_t* src, float* dst, int64_t n);
   void (*f32_to_f16)(const float* src, uint16_t* dst, int64_t n);
+  // Quantized weights: fp32 values [v0, v1) (v1 - v0 of them) of w, dequantized.
+  void (*dequant)(const SparseWeight& w, int64_t v0, int64_t v1, float* out);
+  // Batch-1 integer path (int_path_applies(w)): y[n - n0] = W[n, :] . x for n in [n0, n1), with x given as
+  // int8 xq [K] and one fp32 scale per 32-column block, xs [K / 32]. Null: the set has none (float path).
+  void (*gemv_rows_q24)(const SparseWeight& w, const int8_t* xq, const float* xs, float* y, int64_t n0, int64_t n1);
 };
 
 const KernelSet& scalar_kernels();
@@ -86,6 +102,11 @@ void dense_nt(const KernelSet& ks, int64_t m, int64_t n, int64_t len, const floa
 
 // W [rows, cols] dense, in the values' own type (fp16 bits or fp32).
 void bitmap_decode(const SparseWeight& w, void* out, const Runner& runner);
+
+// Portable pieces of the quantized path, shared by the sets that have no SIMD version of them.
+void dequantize_values(const SparseWeight& w, int64_t v0, int64_t v1, float* out);
+// x [K] (K % 32 == 0) -> int8 per 32-column block, symmetric: xs = max|x| / 127, q = round-half-even(x / xs).
+void quantize_activations(const float* x, int64_t k, int8_t* xq, float* xs);
 
 // IEEE half <-> float, round to nearest even; portable reference used by the scalar set.
 float half_to_float(uint16_t h);

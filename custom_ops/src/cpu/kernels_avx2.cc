@@ -7,8 +7,10 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "kernels.h"
 
@@ -509,7 +511,180 @@ void axpy_block(const int32_t* idx, const float* val, int64_t cnt, const float* 
   }
 }
 
-const KernelSet kAvx2 = {"avx2", gemv_rows, decode_row_f32, extract_row, dot_nt, axpy_block, f16_to_f32, f32_to_f16};
+// ---- quantized values (bitmap format v2) ---------------------------------------------------------------
+
+inline int quantized_at(const SparseWeight& w, int64_t i) {
+  if (w.bits == 8) return static_cast<const int8_t*>(w.values)[i];
+  const uint8_t byte = static_cast<const uint8_t*>(w.values)[i >> 1];
+  return static_cast<int>((i & 1) ? (byte >> 4) : (byte & 0x0f)) - 8;
+}
+
+// 8 packed nibbles (4 bytes at p, low nibble first) -> 8 int32 lanes q = nibble - 8.
+inline __m256i unpack8_int4(const uint8_t* p) {
+  uint32_t four;
+  std::memcpy(&four, p, 4);
+  const __m128i v = _mm_cvtsi32_si128(static_cast<int>(four));
+  const __m128i m = _mm_set1_epi8(0x0f);
+  const __m128i q = _mm_unpacklo_epi8(_mm_and_si128(v, m), _mm_and_si128(_mm_srli_epi16(v, 4), m));
+  return _mm256_sub_epi32(_mm256_cvtepu8_epi32(q), _mm256_set1_epi32(8));
+}
+
+void dequant(const SparseWeight& w, int64_t v0, int64_t v1, float* out) {
+  const uint8_t* bytes = static_cast<const uint8_t*>(w.values);
+  float* o = out - v0;  // o[i] is value i
+  for (int64_t i = v0; i < v1;) {
+    const int64_t group = i / w.group_size;
+    const int64_t end = std::min(v1, (group + 1) * w.group_size);
+    const float scale = _cvtsh_ss(w.scales[group]);
+    const __m256 sv = _mm256_set1_ps(scale);
+    if (w.bits == 4 && (i & 1)) {  // a run starting on a high nibble: one value, then whole bytes
+      o[i] = static_cast<float>(quantized_at(w, i)) * scale;
+      ++i;
+    }
+    for (; i + 8 <= end; i += 8) {  // reads values [i, i + 8) only, all below end <= nnz
+      const __m256i q = w.bits == 8
+          ? _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + i)))
+          : unpack8_int4(bytes + i / 2);
+      _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_cvtepi32_ps(q), sv));
+    }
+    for (; i < end; ++i) o[i] = static_cast<float>(quantized_at(w, i)) * scale;
+  }
+}
+
+// pshufb controls of the integer path. For 16 columns of a 2:4 row (bitmap bytes b0, b1), the byte indices of
+// the 8 kept columns: lo[b0] holds b0's 4 positions in bytes 0-3, hi[b1] holds b1's (+ 8) in bytes 4-7, so
+// lo[b0] | hi[b1] is the 8-byte control. Only 2:4 bytes (4 set bits) are ever looked up.
+struct QTables {
+  uint64_t lo[256];
+  uint64_t hi[256];
+  constexpr QTables() : lo(), hi() {
+    for (int b = 0; b < 256; ++b) {
+      int r = 0;
+      for (int j = 0; j < 8 && r < 4; ++j) {
+        if ((b >> j) & 1) {
+          lo[b] |= static_cast<uint64_t>(j) << (8 * r);
+          hi[b] |= static_cast<uint64_t>(j + 8) << (8 * (r + 4));
+          ++r;
+        }
+      }
+    }
+  }
+};
+constexpr QTables kQTab;
+
+// 32 values of one 64-column step as signed bytes, laid out like the gathered activations (below):
+// lane 0 = values 0-7 | 16-23, lane 1 = values 8-15 | 24-31.
+template <int BITS>
+inline __m256i step_weights(const uint8_t* p) {
+  if constexpr (BITS == 8) {
+    return _mm256_permute4x64_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), _MM_SHUFFLE(3, 1, 2, 0));
+  } else {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m128i m = _mm_set1_epi8(0x0f);
+    const __m128i lo = _mm_and_si128(v, m);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
+    const __m128i w0 = _mm_unpacklo_epi8(lo, hi);  // values 0-15
+    const __m128i w1 = _mm_unpackhi_epi8(lo, hi);  // values 16-31
+    const __m256i w = _mm256_set_m128i(_mm_unpackhi_epi64(w0, w1), _mm_unpacklo_epi64(w0, w1));
+    return _mm256_sub_epi8(w, _mm256_set1_epi8(8));
+  }
+}
+
+// R rows of the 2:4 integer path. Per 64-column step: the activations of the row's 32 kept columns are
+// gathered from the int8 x (two in-lane byte shuffles with one control built from the 8 bitmap bytes, so
+// lane 0 holds columns 0-15 | 32-47 and lane 1 columns 16-31 | 48-63), multiplied with the 32 int8 / int4
+// values by maddubs (the sign trick makes the weight operand unsigned), and the int32 sums of each 32-column
+// block are scaled by that block's activation scale (xs8: [A, A, B, B, A, A, B, B] per step). Work and bytes
+// follow the non-zeros: half the multiply-adds of a dense int8 dot product.
+template <int BITS, int R>
+inline void rows_q24(const uint8_t* const* bm, const uint8_t* const* vp, const uint16_t* const* sp, const int8_t* xq,
+                     const float* xs8, int64_t steps, int64_t steps_per_group, float* out) {
+  constexpr int64_t kStepBytes = BITS == 8 ? 32 : 16;
+  constexpr int64_t kPrefetchBytes = BITS == 8 ? 4096 : 2048;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t s0 = 0; s0 < steps; s0 += steps_per_group) {
+    __m256 group[R];
+    for (int r = 0; r < R; ++r) group[r] = _mm256_setzero_ps();
+    for (int64_t s = s0; s < s0 + steps_per_group; ++s) {
+      if ((s & 3) == 0) {
+        for (int r = 0; r < R; ++r) {
+          for (int64_t line = 0; line < kStepBytes / 16; ++line) {  // 4 steps own 64 or 128 value bytes
+            _mm_prefetch(reinterpret_cast<const char*>(vp[r] + kStepBytes * s + kPrefetchBytes + 64 * line), _MM_HINT_T0);
+          }
+          if ((s & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(bm[r] + 8 * s + 2048), _MM_HINT_T0);
+        }
+      }
+      const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 64 * s));
+      const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 64 * s + 32));
+      const __m256 sx = _mm256_loadu_ps(xs8 + 8 * s);
+      for (int r = 0; r < R; ++r) {
+        uint64_t b;
+        std::memcpy(&b, bm[r] + 8 * s, 8);
+        const uint64_t q0 = kQTab.lo[b & 0xff] | kQTab.hi[(b >> 8) & 0xff];
+        const uint64_t q1 = kQTab.lo[(b >> 16) & 0xff] | kQTab.hi[(b >> 24) & 0xff];
+        const uint64_t q2 = kQTab.lo[(b >> 32) & 0xff] | kQTab.hi[(b >> 40) & 0xff];
+        const uint64_t q3 = kQTab.lo[(b >> 48) & 0xff] | kQTab.hi[b >> 56];
+        const __m256i ctl = _mm256_set_epi64x(static_cast<int64_t>(q3), static_cast<int64_t>(q1),
+                                              static_cast<int64_t>(q2), static_cast<int64_t>(q0));
+        const __m256i xg = _mm256_blend_epi32(_mm256_shuffle_epi8(xa, ctl), _mm256_shuffle_epi8(xb, ctl), 0xCC);
+        const __m256i wq = step_weights<BITS>(vp[r] + kStepBytes * s);
+        const __m256i prod = _mm256_maddubs_epi16(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xg, wq));
+        group[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(prod, ones)), sx, group[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      acc[r] = _mm256_fmadd_ps(group[r], _mm256_set1_ps(_cvtsh_ss(sp[r][s0 / steps_per_group])), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
+}
+
+template <int BITS>
+void gemv_rows_q24_t(const SparseWeight& w, const int8_t* xq, const float* xs, float* y, int64_t n0, int64_t n1) {
+  const int64_t steps = w.cols / 64;
+  const int64_t steps_per_group = w.group_size / 32;
+  std::vector<float> xs8(static_cast<size_t>(8 * steps));
+  for (int64_t s = 0; s < steps; ++s) {
+    const float a = xs[2 * s], b = xs[2 * s + 1];
+    const float lanes[8] = {a, a, b, b, a, a, b, b};
+    std::memcpy(xs8.data() + 8 * s, lanes, sizeof(lanes));
+  }
+  const uint8_t* values = static_cast<const uint8_t*>(w.values);
+  const int64_t* off = w.row_offsets;
+  auto row_ptrs = [&](int64_t n, const uint8_t** bm, const uint8_t** vp, const uint16_t** sp) {
+    *bm = w.bitmap + n * w.width;
+    *vp = values + off[n] * BITS / 8;  // rows hold whole groups of 32k values: byte aligned for int4
+    *sp = w.scales + off[n] / w.group_size;
+  };
+  int64_t n = n0;
+  for (; n + 2 <= n1; n += 2) {
+    const uint8_t* bm[2];
+    const uint8_t* vp[2];
+    const uint16_t* sp[2];
+    for (int r = 0; r < 2; ++r) row_ptrs(n + r, bm + r, vp + r, sp + r);
+    rows_q24<BITS, 2>(bm, vp, sp, xq, xs8.data(), steps, steps_per_group, y + (n - n0));
+  }
+  if (n < n1) {
+    const uint8_t* bm[1];
+    const uint8_t* vp[1];
+    const uint16_t* sp[1];
+    row_ptrs(n, bm, vp, sp);
+    rows_q24<BITS, 1>(bm, vp, sp, xq, xs8.data(), steps, steps_per_group, y + (n - n0));
+  }
+}
+
+void gemv_rows_q24(const SparseWeight& w, const int8_t* xq, const float* xs, float* y, int64_t n0, int64_t n1) {
+  if (w.bits == 8) {
+    gemv_rows_q24_t<8>(w, xq, xs, y, n0, n1);
+  } else {
+    gemv_rows_q24_t<4>(w, xq, xs, y, n0, n1);
+  }
+}
+
+const KernelSet kAvx2 = {"avx2",     gemv_rows,  decode_row_f32, extract_row, dot_nt,
+                         axpy_block, f16_to_f32, f32_to_f16,     dequant,     gemv_rows_q24};
 
 }  // namespace
 }  // namespace salr

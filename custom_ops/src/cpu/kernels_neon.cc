@@ -243,7 +243,10 @@ void f32_to_f16(const float* src, uint16_t* dst, int64_t n) {
 
 const KernelSet* neon_kernels() {
   static const KernelSet ks = {"neon",     gemv_rows,  scalar_kernels().decode_row_f32, scalar_kernels().extract_row,
-                               dot_nt,     axpy_block, f16_to_f32,                      f32_to_f16};
+                               dot_nt,     axpy_block, f16_to_f32,                      f32_to_f16,
+                               // quantized weights: portable dequantization, then the NEON float kernels
+                               // (no integer path yet: null sends batch 1 through the float path too)
+                               dequantize_values, nullptr};
   return &ks;
 }
 

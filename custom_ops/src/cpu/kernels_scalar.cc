@@ -1,4 +1,5 @@
 // Portable kernels: the reference every SIMD set is tested against, and the fallback on CPUs without one.
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 
@@ -162,11 +163,60 @@ void f32_to_f16(const float* src, uint16_t* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = float_to_half(src[i]);
 }
 
+// q of quantized value i (format v2).
+inline int quantized_at(const SparseWeight& w, int64_t i) {
+  if (w.bits == 8) return static_cast<const int8_t*>(w.values)[i];
+  const uint8_t byte = static_cast<const uint8_t*>(w.values)[i >> 1];
+  return static_cast<int>((i & 1) ? (byte >> 4) : (byte & 0x0f)) - 8;
+}
+
+// The integer path's arithmetic, in its plainest form: per 32-column block an exact integer dot product
+// scaled by the block's activation scale, per group the sum scaled by the weight scale.
+void gemv_rows_q24(const SparseWeight& w, const int8_t* xq, const float* xs, float* y, int64_t n0, int64_t n1) {
+  const int64_t g = w.group_size;
+  const int64_t cols_per_group = 2 * g;  // 2:4: a group of g values covers 2g columns
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w.bitmap + n * w.width;
+    int64_t pos = w.row_offsets[n];
+    float acc = 0.f;
+    for (int64_t c0 = 0; c0 < w.cols; c0 += cols_per_group) {
+      const float scale = half_to_float(w.scales[pos / g]);
+      float group = 0.f;
+      for (int64_t b0 = c0; b0 < c0 + cols_per_group; b0 += 32) {
+        int32_t dot = 0;
+        for (int64_t c = b0; c < b0 + 32; ++c) {
+          if ((row[c >> 3] >> (c & 7)) & 1u) dot += quantized_at(w, pos++) * xq[c];
+        }
+        group += static_cast<float>(dot) * xs[b0 / 32];
+      }
+      acc += group * scale;
+    }
+    y[n - n0] = acc;
+  }
+}
+
 void run_serial(void*, int64_t tasks, void (*fn)(void*, int64_t), void* arg) {
   for (int64_t i = 0; i < tasks; ++i) fn(arg, i);
 }
 
 }  // namespace
+
+void dequantize_values(const SparseWeight& w, int64_t v0, int64_t v1, float* out) {
+  for (int64_t i = v0; i < v1; ++i) *out++ = static_cast<float>(quantized_at(w, i)) * half_to_float(w.scales[i / w.group_size]);
+}
+
+void quantize_activations(const float* x, int64_t k, int8_t* xq, float* xs) {
+  for (int64_t b = 0; b < k; b += 32) {
+    float amax = 0.f;
+    for (int64_t c = b; c < b + 32; ++c) amax = std::fmax(amax, std::fabs(x[c]));
+    const float scale = amax / 127.f;
+    xs[b / 32] = scale;
+    for (int64_t c = b; c < b + 32; ++c) {
+      // nearbyint rounds half to even under the default rounding mode, as the SIMD conversions do
+      xq[c] = scale > 0.f ? static_cast<int8_t>(std::fmax(-127.f, std::fmin(127.f, std::nearbyint(x[c] / scale)))) : 0;
+    }
+  }
+}
 
 Runner serial_runner() {
   Runner r;
@@ -175,8 +225,8 @@ Runner serial_runner() {
 }
 
 const KernelSet& scalar_kernels() {
-  static const KernelSet ks = {"scalar", gemv_rows, decode_row_f32, extract_row, dot_nt,
-                               axpy_block, f16_to_f32, f32_to_f16};
+  static const KernelSet ks = {"scalar",   gemv_rows,  decode_row_f32,    extract_row,  dot_nt,
+                               axpy_block, f16_to_f32, f32_to_f16,        dequantize_values, gemv_rows_q24};
   return ks;
 }
 

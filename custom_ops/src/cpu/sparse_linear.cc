@@ -182,6 +182,73 @@ void transpose_task(void* arg, int64_t b) {
   }
 }
 
+// ---- quantized weights (bitmap format v2) ---------------------------------------------------------------
+// - m == 1 and int_path_applies: the set's integer kernel on int8 activations (per 32-column block scales).
+// - m == 1 otherwise: each task dequantizes its rows' values into a small fp32 buffer and runs the float
+//   gemv on a view of those rows, so no full-size fp32 copy of W is ever written per token.
+// - m > 1: the whole weight is dequantized once per call (parallel) and the float drivers run on it; the
+//   decode cost is amortized over the m activation rows.
+constexpr int64_t kDequantChunkRows = 16;  // 16 rows x 2048 values x 4 bytes = 128 KiB: stays in L2
+
+struct QuantJob {
+  const KernelSet* ks;
+  const SparseWeight* w;
+  const AdapterTerms* ad;
+  const float* x;
+  const int8_t* xq;
+  const float* xs;
+  const float* t;  // X A^T [1, rank]
+  float* y;
+  float* dequantized;  // m > 1: fp32 values [nnz]
+  int64_t chunk_rows;
+};
+
+void gemv_q24_task(void* arg, int64_t c) {
+  const QuantJob& j = *static_cast<const QuantJob*>(arg);
+  const int64_t n0 = c * j.chunk_rows;
+  const int64_t n1 = std::min(n0 + j.chunk_rows, j.w->rows);
+  j.ks->gemv_rows_q24(*j.w, j.xq, j.xs, j.y + n0, n0, n1);
+  adapter_epilogue(*j.ks, *j.ad, j.t, 1, j.w->rows, j.y, n0, n1);
+}
+
+// Rows [n0, n1) of a quantized weight as a float-valued weight over `values` (their dequantized values).
+SparseWeight float_rows(const SparseWeight& w, int64_t n0, int64_t n1, const float* values, int64_t* offsets) {
+  const int64_t v0 = w.row_offsets[n0];
+  for (int64_t r = 0; r <= n1 - n0; ++r) offsets[r] = w.row_offsets[n0 + r] - v0;
+  SparseWeight view = w;
+  view.bitmap = w.bitmap + n0 * w.width;
+  view.values = values;
+  view.row_offsets = offsets;
+  view.rows = n1 - n0;
+  view.nnz = w.row_offsets[n1] - v0;
+  view.vtype = ValueType::kFloat32;
+  view.bits = 0;
+  view.scales = nullptr;
+  view.group_size = 0;
+  return view;
+}
+
+void gemv_dequant_task(void* arg, int64_t c) {
+  const QuantJob& j = *static_cast<const QuantJob*>(arg);
+  const SparseWeight& w = *j.w;
+  const int64_t n0 = c * j.chunk_rows;
+  const int64_t n1 = std::min(n0 + j.chunk_rows, w.rows);
+  std::vector<float> values(static_cast<size_t>(w.row_offsets[n1] - w.row_offsets[n0]));
+  std::vector<int64_t> offsets(static_cast<size_t>(n1 - n0 + 1));
+  j.ks->dequant(w, w.row_offsets[n0], w.row_offsets[n1], values.data());
+  const SparseWeight view = float_rows(w, n0, n1, values.data(), offsets.data());
+  j.ks->gemv_rows(view, j.x, j.y + n0, 0, n1 - n0);
+  adapter_epilogue(*j.ks, *j.ad, j.t, 1, w.rows, j.y, n0, n1);
+}
+
+void dequant_task(void* arg, int64_t c) {
+  const QuantJob& j = *static_cast<const QuantJob*>(arg);
+  const int64_t n0 = c * j.chunk_rows;
+  const int64_t n1 = std::min(n0 + j.chunk_rows, j.w->rows);
+  const int64_t v0 = j.w->row_offsets[n0];
+  j.ks->dequant(*j.w, v0, j.w->row_offsets[n1], j.dequantized + v0);
+}
+
 }  // namespace
 
 void dense_nt(const KernelSet& ks, int64_t m, int64_t n, int64_t len, const float* x, int64_t ldx, const float* w,
@@ -209,10 +276,55 @@ void dense_nt(const KernelSet& ks, int64_t m, int64_t n, int64_t len, const floa
   }, &job);
 }
 
+namespace {
+
+void quantized_linear(const KernelSet& ks, const SparseWeight& w, const AdapterTerms& ad, const float* x, int64_t m,
+                      int64_t ldx, float* y, const Runner& runner) {
+  QuantJob job{};
+  job.ks = &ks;
+  job.w = &w;
+  job.ad = &ad;
+  job.x = x;
+  job.y = y;
+  if (m > 1) {
+    std::vector<float> values(static_cast<size_t>(w.nnz));
+    std::vector<int64_t> offsets(static_cast<size_t>(w.rows + 1));
+    job.dequantized = values.data();
+    job.chunk_rows = 64;
+    runner(ceil_div(w.rows, job.chunk_rows), dequant_task, &job);
+    sparse_linear(ks, float_rows(w, 0, w.rows, values.data(), offsets.data()), ad, x, m, ldx, y, runner);
+    return;
+  }
+  std::vector<float> t(static_cast<size_t>(ad.rank));
+  if (ad.rank > 0) {
+    const bool serial = ad.rank * w.cols <= kSerialAdapterMacs;
+    dense_nt(ks, 1, ad.rank, w.cols, x, ldx, ad.a, w.cols, t.data(), ad.rank, serial ? serial_runner() : runner);
+  }
+  job.t = t.data();
+  if (ks.gemv_rows_q24 != nullptr && int_path_applies(w)) {
+    std::vector<int8_t> xq(static_cast<size_t>(w.cols));
+    std::vector<float> xs(static_cast<size_t>(w.cols / 32));
+    quantize_activations(x, w.cols, xq.data(), xs.data());
+    job.xq = xq.data();
+    job.xs = xs.data();
+    job.chunk_rows = kGemvChunkRows;
+    runner(ceil_div(w.rows, job.chunk_rows), gemv_q24_task, &job);
+  } else {
+    job.chunk_rows = kDequantChunkRows;
+    runner(ceil_div(w.rows, job.chunk_rows), gemv_dequant_task, &job);
+  }
+}
+
+}  // namespace
+
 void sparse_linear(const KernelSet& ks, const SparseWeight& w, const AdapterTerms& ad, const float* x, int64_t m,
                    int64_t ldx, float* y, const Runner& runner) {
   const int64_t n = w.rows;
   if (m <= 0 || n <= 0) return;
+  if (w.bits != 0) {
+    quantized_linear(ks, w, ad, x, m, ldx, y, runner);
+    return;
+  }
   Job job{};
   job.ks = &ks;
   job.w = &w;
