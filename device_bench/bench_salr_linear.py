@@ -67,14 +67,35 @@ def _mask(rng, n, k, sparsity: str) -> np.ndarray:
     return rng.random((n, k)) >= float(sparsity)
 
 
-def _models(n, k, m, sparsity, vdt, rank, seed):
+QUANTIZED_BITS = {"int8": 8, "int4": 4}
+
+
+def _quantize(values: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(stored integers, fp16 scales, dequantized fp32 values) of bitmap format v2."""
+    import torch
+
+    from salr_edge.formats.quantize import dequantize_values, quantize_values
+
+    stored, scales = quantize_values(torch.from_numpy(values), bits, group_size)
+    deq = dequantize_values(stored, scales, bits, group_size, nnz=values.size)
+    return stored.numpy(), scales.numpy(), deq.numpy()
+
+
+def _models(n, k, m, sparsity, values_kind, rank, seed, group_size=32):
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
     w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float32)
     mask = _mask(rng, n, k, sparsity)
+    bits = QUANTIZED_BITS.get(values_kind)
+    vdt = np.float32 if bits else np.dtype(values_kind).type
     bitmap, values, offsets = _encode(mask, w, vdt)
-    w_pruned = np.where(mask, w, 0).astype(vdt).astype(np.float32)  # exactly what SALRLinear multiplies by
+    if bits:
+        values, scales, deq = _quantize(values, bits, group_size)
+        w_pruned = np.zeros_like(w)
+        w_pruned[mask] = deq  # exactly what SALRLinearQ multiplies by
+    else:
+        w_pruned = np.where(mask, w, 0).astype(vdt).astype(np.float32)  # exactly what SALRLinear multiplies by
     a = (rng.standard_normal((rank, k)) / np.sqrt(k)).astype(np.float32)
     b = (rng.standard_normal((n, rank)) * 0.1).astype(np.float32)
     opsets = [helper.make_opsetid("", 17)]
@@ -87,14 +108,18 @@ def _models(n, k, m, sparsity, vdt, rank, seed):
                           [numpy_helper.from_array(np.ascontiguousarray(dense_w.T), "Wt")]),
         opset_imports=opsets)
     dense.ir_version = 8
-    inits = [numpy_helper.from_array(t, name) for t, name in
-             [(bitmap, "bitmap"), (values, "values"), (offsets, "row_offsets"), (a, "A_cat"), (b, "B_cat")]]
-    node = helper.make_node("SALRLinear", ["X", "bitmap", "values", "row_offsets", "A_cat", "B_cat"], ["Y"],
-                            domain=SALR_DOMAIN, in_features=k)
+    weight = [(bitmap, "bitmap"), (values, "values"), (offsets, "row_offsets")] + ([(scales, "scales")] if bits else [])
+    inits = [numpy_helper.from_array(t, name) for t, name in weight + [(a, "A_cat"), (b, "B_cat")]]
+    names = ["X"] + [name for _, name in weight] + ["A_cat", "B_cat"]
+    if bits:
+        node = helper.make_node("SALRLinearQ", names, ["Y"], domain=SALR_DOMAIN, in_features=k, bits=bits,
+                                group_size=group_size)
+    else:
+        node = helper.make_node("SALRLinear", names, ["Y"], domain=SALR_DOMAIN, in_features=k)
     salr = helper.make_model(helper.make_graph([node], "salr", [x_info], [y_info], inits),
                              opset_imports=opsets + [helper.make_opsetid(SALR_DOMAIN, 1)])
     salr.ir_version = 8
-    salr_bytes = bitmap.nbytes + values.nbytes + offsets.nbytes + a.nbytes + b.nbytes
+    salr_bytes = sum(t.nbytes for t, _ in weight) + a.nbytes + b.nbytes
     return dense, salr, salr_bytes, dense_w
 
 
@@ -154,8 +179,9 @@ class _Variant:
         return {"p20_ms": q[1], "p50_ms": statistics.median(self.times), "p80_ms": q[7]}
 
 
-def bench_config(ort, lib, n, k, m, sparsity, threads, vdt, rank, repeats, rotate_mib, spin, max_copies=64, seed=0):
-    dense_model, salr_model, salr_bytes, w_eff = _models(n, k, m, sparsity, vdt, rank, seed)
+def bench_config(ort, lib, n, k, m, sparsity, threads, values_kind, rank, repeats, rotate_mib, spin, max_copies=64,
+                 seed=0, group_size=32):
+    dense_model, salr_model, salr_bytes, w_eff = _models(n, k, m, sparsity, values_kind, rank, seed, group_size)
     dense_bytes = dense_model.SerializeToString()  # before quantizing: the quantizer rewrites its input in place
     int4_model, int4_bytes = _int4(dense_model)
     x = np.random.default_rng(seed + 1).standard_normal((m, k)).astype(np.float32)
@@ -171,7 +197,9 @@ def bench_config(ort, lib, n, k, m, sparsity, threads, vdt, rank, repeats, rotat
     errs = {}
     for v in variants:
         errs[v.name] = float(np.max(np.abs(v.output() - ref) / (scale + 1e-12)))
-    if errs["salr"] > 1e-5 or errs["dense_fp32"] > 1e-5:
+    # the integer path (quantized values, 2:4, batch 1) also rounds the activations to int8 per 32 columns
+    salr_tolerance = 2e-2 if values_kind in QUANTIZED_BITS else 1e-5
+    if errs["salr"] > salr_tolerance or errs["dense_fp32"] > 1e-5:
         raise RuntimeError(f"output check failed before timing: relative errors {errs}")
     for _ in range(max(3, repeats // 10)):  # warm-up: page in every copy, settle the pools
         for v in variants:
@@ -185,7 +213,8 @@ def bench_config(ort, lib, n, k, m, sparsity, threads, vdt, rank, repeats, rotat
     st = {v.name: v.stats() for v in variants}
     return {
         "out_features": n, "in_features": k, "m": m, "sparsity": sparsity, "threads": threads,
-        "values_dtype": np.dtype(vdt).name, "rank": rank, "repeats": repeats,
+        "values_dtype": values_kind, "group_size": group_size if values_kind in QUANTIZED_BITS else None,
+        "rank": rank, "repeats": repeats,
         "copies": {v.name: v.copies for v in variants},
         "rotated_mib": {v.name: v.copies * b / 2**20 for v, b in zip(variants, (n * k * 4, salr_bytes, int4_bytes))},
         "weight_bytes": {"dense_fp32": n * k * 4, "salr": salr_bytes, "int4": int4_bytes},
@@ -220,7 +249,8 @@ def main(argv=None) -> int:
     p.add_argument("--m", default="1,8,128", help="activation rows, comma list")
     p.add_argument("--sparsity", default="0.5,0.7,2:4", help="fractions pruned, or 2:4")
     p.add_argument("--threads", default="1,2")
-    p.add_argument("--values", default="float16", help="values dtype(s): float16,float32")
+    p.add_argument("--values", default="float16", help="values dtype(s): float16,float32,int8,int4")
+    p.add_argument("--group-size", type=int, default=32, help="non-zeros per scale for int8/int4 values")
     p.add_argument("--rank", default="0", help="adapter rank(s) R")
     p.add_argument("--repeats", type=int, default=100, help="timed runs per variant")
     p.add_argument("--rotate-mib", type=int, default=256, help="weight bytes each variant rotates through")
@@ -242,8 +272,9 @@ def main(argv=None) -> int:
                 for vname in _csv(args.values):
                     for rank in _csv(args.rank, int):
                         for threads in _csv(args.threads, int):
-                            rec = bench_config(ort, lib, n, k, m, sparsity, threads, np.dtype(vname).type, rank,
-                                               args.repeats, args.rotate_mib, args.spin, args.max_copies)
+                            rec = bench_config(ort, lib, n, k, m, sparsity, threads, vname, rank, args.repeats,
+                                               args.rotate_mib, args.spin, args.max_copies,
+                                               group_size=args.group_size)
                             records.append(rec)
                             print(_markdown([rec]).splitlines()[-1], flush=True)
     meta = {"timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(), "onnxruntime": ort.__version__,
