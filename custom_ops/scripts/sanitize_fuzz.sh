@@ -29,7 +29,7 @@ export SALR_OPS_LIBRARY=$lib
 : >"$log"
 failed=0
 echo "== kernel tests (best kernel set and scalar set, per test parametrisation) under ASan+UBSan"
-(cd "$repo" && "$py" -m pytest tests/custom_ops/test_ort_cpu.py tests/custom_ops/test_domain_constants.py -q \
+(cd "$repo" && "$py" -m pytest tests/custom_ops/test_ort_cpu.py tests/custom_ops/test_ort_cpu_quantized.py tests/custom_ops/test_domain_constants.py -q \
   -p no:cacheprovider 2>>"$log" | tail -n 1) || failed=1
 echo "== fuzz: $cases random malformed cases per kernel set, seed $seed"
 for kernels in "" scalar; do

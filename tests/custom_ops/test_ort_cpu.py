@@ -11,16 +11,21 @@ import itertools
 
 import numpy as np
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-from onnx.reference import ReferenceEvaluator
 
+from .ort_helpers import (
+    alternate_kernel_set,
+    assert_close,
+    make_mask,
+    make_model,
+    make_session,
+    malformed_v1_cases,
+    reference_output,
+    use_kernel_set,
+)
 from .reference import (
     BITMAP_DECODE,
     FUSED_ADAPTER_GEMM,
     IN_FEATURES_ATTR,
-    OPSET_VERSION,
-    REFERENCE_OPS,
-    SALR_DOMAIN,
     SALR_LINEAR,
     decode_bitmap,
     encode_bitmap,
@@ -28,94 +33,11 @@ from .reference import (
 
 ort = pytest.importorskip("onnxruntime")
 
-# Error allowed between a kernel and the float64 reference, per output dtype:
-#   |y - ref| <= SCALE_TOL * scale + REL_TOL * |ref|,  scale = |X| |W|^T + (|X| |A|^T) |B|^T + |bias|.
-# - The kernels accumulate in fp32 in an order of their own (blocked, vectorised, threads split rows), so
-#   the error grows with the sum of |products| rather than with |y| (outputs near zero from cancellation
-#   would otherwise need loose relative bounds): fp32 worst case is ~K * 2^-24 * scale; 1e-5 allows
-#   K ~ 170 worst-case terms and, for random signs, far more.
-# - fp16 outputs are rounded once from fp32: half an ulp is 2^-11 ~ 4.9e-4 relative, so REL_TOL = 1e-3
-#   (one ulp); the fp32 accumulation error above comes on top.
-# Values are fp16 or fp32 inputs themselves, exact in both; no tolerance is spent on them.
-TOLERANCES = {
-    np.dtype(np.float32): {"SCALE_TOL": 1e-5, "REL_TOL": 0.0},
-    np.dtype(np.float16): {"SCALE_TOL": 1e-5, "REL_TOL": 1e-3},
-}
-
 DTYPE_COMBOS = [  # (activation dtype, values dtype)
     (np.float32, np.float32),
     (np.float32, np.float16),
     (np.float16, np.float16),
 ]
-
-
-def _assert_close(y, ref, scale):
-    tol = TOLERANCES[np.dtype(ref.dtype)]
-    assert y.dtype == ref.dtype and y.shape == ref.shape
-    err = np.abs(y.astype(np.float64) - ref.astype(np.float64))
-    bound = tol["SCALE_TOL"] * scale + tol["REL_TOL"] * np.abs(ref.astype(np.float64)) + 1e-30
-    worst = np.unravel_index(np.argmax(err / bound), err.shape) if err.size else None
-    assert np.all(err <= bound), f"max err/bound = {(err / bound).max():.3g} at {worst}: y={y[worst]} ref={ref[worst]}"
-
-
-def _model(op_type, feeds, const_names, attrs, out_dtype, optional_absent=()):
-    """One-node model; names in const_names become initializers, the rest graph inputs."""
-    inputs, inits, names = [], [], []
-    for name, arr in feeds.items():
-        names.append(name)
-        if name in optional_absent:
-            names[-1] = ""
-            continue
-        if name in const_names:
-            inits.append(numpy_helper.from_array(arr, name))
-        else:
-            inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(arr.dtype), arr.shape))
-    while names and names[-1] == "":
-        names.pop()
-    node = helper.make_node(op_type, names, ["Y"], domain=SALR_DOMAIN, **attrs)
-    out = helper.make_tensor_value_info("Y", helper.np_dtype_to_tensor_dtype(np.dtype(out_dtype)), None)
-    graph = helper.make_graph([node], "g", inputs, [out], inits)
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(SALR_DOMAIN, OPSET_VERSION)]
-    )
-    model.ir_version = 8  # what ORT 1.21, the oldest runtime the library supports, reads
-    run_feeds = {k: v for k, v in feeds.items() if k not in const_names and k not in optional_absent}
-    return model, run_feeds
-
-
-def _session(lib, model, threads=1):
-    so = ort.SessionOptions()
-    so.register_custom_ops_library(lib)
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-
-
-def _reference(model, feeds):
-    return ReferenceEvaluator(model, new_ops=REFERENCE_OPS).run(None, feeds)[0]
-
-
-def _mask(rng, n, k, kind, density=0.5):
-    """Keep-mask of an [n, k] weight: 'random', 'special' (zero/full/one-entry rows), or '2:4'."""
-    if kind == "2:4":
-        assert k % 4 == 0
-        scores = rng.random((n, k // 4, 4))
-        keep = np.argsort(scores, axis=2)[:, :, :2]
-        mask = np.zeros((n, k // 4, 4), dtype=bool)
-        np.put_along_axis(mask, keep, True, axis=2)
-        return mask.reshape(n, k)
-    mask = rng.random((n, k)) < density
-    if kind == "special":
-        mask[0] = False  # all-zero rows, also at the very end (the last rows take the guarded tail path)
-        mask[-1] = False
-        mask[1] = True  # all-ones row
-        mask[n // 2] = True
-        if n > 3:
-            mask[-2] = False
-            mask[-2, k - 1] = True  # one entry in the last column of a late row
-            mask[-3] = False
-            mask[-3, 0] = True
-    return mask
 
 
 # (N, K, mask kind): K = 545 and N = 830 are not multiples of anything; K < 8 and K = 1 leave most of a
@@ -133,7 +55,7 @@ ROWS = [1, 7, 64, 128]
 
 def _salr_case(rng, n, k, kind, m, xdt, vdt, rank, bias, x_shape=None):
     w = rng.standard_normal((n, k)).astype(np.float32)
-    bitmap, values, offsets = encode_bitmap(w, _mask(rng, n, k, kind), vdt)
+    bitmap, values, offsets = encode_bitmap(w, make_mask(rng, n, k, kind), vdt)
     x = rng.standard_normal(x_shape or (m, k)).astype(xdt)
     a = (rng.standard_normal((rank, k)) / np.sqrt(k)).astype(xdt)
     b = rng.standard_normal((n, rank)).astype(xdt)  # B != 0: the adapter path must contribute
@@ -148,14 +70,6 @@ def _salr_case(rng, n, k, kind, m, xdt, vdt, rank, bias, x_shape=None):
     return feeds, scale
 
 
-def _kernel_set(monkeypatch, index):
-    """Alternate between this CPU's best kernel set and the portable scalar one."""
-    if index % 2:
-        monkeypatch.setenv("SALR_KERNELS", "scalar")
-    else:
-        monkeypatch.delenv("SALR_KERNELS", raising=False)
-
-
 @pytest.mark.parametrize("const", [True, False], ids=["const", "graph_input"])
 @pytest.mark.parametrize("xdt,vdt", DTYPE_COMBOS, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("n,k,kind", SHAPES, ids=[f"{n}x{k}-{kind}" for n, k, kind in SHAPES])
@@ -168,12 +82,12 @@ def test_salr_linear_matches_reference(salr_lib, monkeypatch, n, k, kind, xdt, v
         rank = (0, 5)[(i + const) % 2]
         bias = (i // 2 + const) % 2 == 0
         threads = 1 + (i + (kind == "2:4")) % 2
-        _kernel_set(monkeypatch, i + (vdt is np.float16))
+        alternate_kernel_set(monkeypatch, i + (vdt is np.float16))
         feeds, scale = _salr_case(rng, n, k, kind, m, xdt, vdt, rank, bias)
         consts = set(feeds) - {"X"} if const else set()
-        model, run_feeds = _model(SALR_LINEAR, feeds, consts, {IN_FEATURES_ATTR: k}, xdt)
-        y = _session(salr_lib, model, threads).run(None, run_feeds)[0]
-        _assert_close(y, _reference(model, feeds), scale)
+        model, run_feeds = make_model(SALR_LINEAR, feeds, consts, {IN_FEATURES_ATTR: k}, xdt)
+        y = make_session(salr_lib, model, threads).run(None, run_feeds)[0]
+        assert_close(y, reference_output(model, feeds), scale)
 
 
 @pytest.mark.parametrize("kernels", ["best", "scalar"])
@@ -181,14 +95,11 @@ def test_salr_linear_matches_reference(salr_lib, monkeypatch, n, k, kind, xdt, v
 def test_salr_linear_paths_agree(salr_lib, monkeypatch, kernels, m):
     """Every M regime (m = 1 gemv, small m, the m >= 16 prefill path, a partial 64-row block) on one layer."""
     rng = np.random.default_rng(m)
-    if kernels == "scalar":
-        monkeypatch.setenv("SALR_KERNELS", "scalar")
-    else:
-        monkeypatch.delenv("SALR_KERNELS", raising=False)
+    use_kernel_set(monkeypatch, kernels)
     feeds, scale = _salr_case(rng, 301, 1030, "special", m, np.float32, np.float16, 7, True)
-    model, run_feeds = _model(SALR_LINEAR, feeds, set(feeds) - {"X"}, {IN_FEATURES_ATTR: 1030}, np.float32)
-    y = _session(salr_lib, model, 2).run(None, run_feeds)[0]
-    _assert_close(y, _reference(model, feeds), scale)
+    model, run_feeds = make_model(SALR_LINEAR, feeds, set(feeds) - {"X"}, {IN_FEATURES_ATTR: 1030}, np.float32)
+    y = make_session(salr_lib, model, 2).run(None, run_feeds)[0]
+    assert_close(y, reference_output(model, feeds), scale)
 
 
 @pytest.mark.parametrize("xdt,vdt", DTYPE_COMBOS, ids=lambda d: np.dtype(d).name)
@@ -197,33 +108,33 @@ def test_salr_linear_batched_input_and_optional_bias(salr_lib, xdt, vdt):
     n, k = 29, 43
     feeds, scale = _salr_case(rng, n, k, "random", None, xdt, vdt, 3, True, x_shape=(2, 3, k))
     for absent in [(), ("bias",)]:
-        model, run_feeds = _model(SALR_LINEAR, feeds, {"bitmap", "values", "row_offsets"}, {IN_FEATURES_ATTR: k},
-                                  xdt, optional_absent=absent)
-        y = _session(salr_lib, model).run(None, run_feeds)[0]
-        ref = _reference(model, {k_: v for k_, v in feeds.items() if k_ not in absent})
+        model, run_feeds = make_model(SALR_LINEAR, feeds, {"bitmap", "values", "row_offsets"},
+                                      {IN_FEATURES_ATTR: k}, xdt, optional_absent=absent)
+        y = make_session(salr_lib, model).run(None, run_feeds)[0]
+        ref = reference_output(model, {k_: v for k_, v in feeds.items() if k_ not in absent})
         assert y.shape == (2, 3, n)
         s = scale.reshape(2, 3, n) - (np.abs(feeds["bias"].astype(np.float64)) if absent else 0)
-        _assert_close(y, ref, s)
+        assert_close(y, ref, s)
 
 
 def test_salr_linear_empty_activations(salr_lib):
     rng = np.random.default_rng(2)
     feeds, _ = _salr_case(rng, 9, 20, "random", None, np.float32, np.float16, 2, True, x_shape=(0, 20))
-    model, run_feeds = _model(SALR_LINEAR, feeds, set(feeds) - {"X"}, {IN_FEATURES_ATTR: 20}, np.float32)
-    y = _session(salr_lib, model).run(None, run_feeds)[0]
+    model, run_feeds = make_model(SALR_LINEAR, feeds, set(feeds) - {"X"}, {IN_FEATURES_ATTR: 20}, np.float32)
+    y = make_session(salr_lib, model).run(None, run_feeds)[0]
     assert y.shape == (0, 9)
 
 
 def test_salr_linear_large_gemv_threads_agree(salr_lib, monkeypatch):
     """A 4096-wide layer through the tuned M = 1 path (prefetch, row pairs, dynamic chunks) on 1 and 2 threads."""
-    monkeypatch.delenv("SALR_KERNELS", raising=False)
+    use_kernel_set(monkeypatch, "best")
     rng = np.random.default_rng(3)
     for kind in ["random", "2:4"]:
         feeds, scale = _salr_case(rng, 515, 4096, kind, 1, np.float32, np.float16, 4, False)
-        model, run_feeds = _model(SALR_LINEAR, feeds, set(feeds) - {"X"}, {IN_FEATURES_ATTR: 4096}, np.float32)
-        ref = _reference(model, feeds)
+        model, run_feeds = make_model(SALR_LINEAR, feeds, set(feeds) - {"X"}, {IN_FEATURES_ATTR: 4096}, np.float32)
+        ref = reference_output(model, feeds)
         for threads in (1, 2):
-            _assert_close(_session(salr_lib, model, threads).run(None, run_feeds)[0], ref, scale)
+            assert_close(make_session(salr_lib, model, threads).run(None, run_feeds)[0], ref, scale)
 
 
 @pytest.mark.parametrize("const", [True, False], ids=["const", "graph_input"])
@@ -232,11 +143,11 @@ def test_salr_linear_large_gemv_threads_agree(salr_lib, monkeypatch):
 def test_bitmap_decode_is_exact(salr_lib, n, k, vdt, const):
     rng = np.random.default_rng(n * 1000 + k)
     w = rng.standard_normal((n, k)).astype(np.float32)
-    bitmap, values, offsets = encode_bitmap(w, _mask(rng, n, k, "random") if n else None, vdt)
+    bitmap, values, offsets = encode_bitmap(w, make_mask(rng, n, k, "random") if n else None, vdt)
     feeds = {"bitmap": bitmap, "values": values, "row_offsets": offsets}
-    model, run_feeds = _model(BITMAP_DECODE, feeds, set(feeds) if const else set(), {IN_FEATURES_ATTR: k}, vdt)
-    y = _session(salr_lib, model, 2).run(None, run_feeds)[0]
-    ref = _reference(model, feeds)
+    model, run_feeds = make_model(BITMAP_DECODE, feeds, set(feeds) if const else set(), {IN_FEATURES_ATTR: k}, vdt)
+    y = make_session(salr_lib, model, 2).run(None, run_feeds)[0]
+    ref = reference_output(model, feeds)
     assert y.dtype == np.dtype(vdt) and y.shape == (n, k)
     np.testing.assert_array_equal(y, ref)
 
@@ -250,10 +161,10 @@ def test_fused_adapter_gemm(salr_lib, m, n, k, r, xdt, const):
     a = rng.standard_normal((r, k)).astype(xdt)
     b = rng.standard_normal((n, r)).astype(xdt)
     feeds = {"X": x, "A_cat": a, "B_cat": b}
-    model, run_feeds = _model(FUSED_ADAPTER_GEMM, feeds, {"A_cat", "B_cat"} if const else set(), {}, xdt)
-    y = _session(salr_lib, model, 1 + (m % 2)).run(None, run_feeds)[0]
+    model, run_feeds = make_model(FUSED_ADAPTER_GEMM, feeds, {"A_cat", "B_cat"} if const else set(), {}, xdt)
+    y = make_session(salr_lib, model, 1 + (m % 2)).run(None, run_feeds)[0]
     f = [v.astype(np.float64) for v in (x, a, b)]
-    _assert_close(y, _reference(model, feeds), (np.abs(f[0]) @ np.abs(f[1]).T) @ np.abs(f[2]).T)
+    assert_close(y, reference_output(model, feeds), (np.abs(f[0]) @ np.abs(f[1]).T) @ np.abs(f[2]).T)
 
 
 def test_encoder_golden_bytes():
@@ -270,112 +181,38 @@ def test_encoder_golden_bytes():
 # ------------------------------------------------------------------------------------------ malformed input
 
 
-def _malformed_cases():
-    """(name, mutate(feeds) -> (feeds, in_features), expected message fragment)."""
-    k = 21  # ceil(21/8) = 3 bytes, 3 padding bits in the last one
-
-    def offsets_start(f):
-        f["row_offsets"] = f["row_offsets"] + 1
-        return f, k
-
-    def offsets_decreasing(f):
-        o = f["row_offsets"].copy()
-        o[2], o[3] = o[3], o[2] - 1 if o[3] > o[2] else o[2] + 1
-        o[2] = o[3] + 1
-        f["row_offsets"] = o
-        return f, k
-
-    def offsets_end(f):
-        f["values"] = np.concatenate([f["values"], f["values"][:1]])
-        return f, k
-
-    def popcount(f):
-        b = f["bitmap"].copy()
-        b[4, 0] ^= 0x01
-        f["bitmap"] = b
-        return f, k
-
-    def padding(f):
-        b = f["bitmap"].copy()
-        b[3, 2] |= 0x80
-        f["bitmap"] = b
-        return f, k
-
-    def width(f):
-        f["bitmap"] = np.concatenate([f["bitmap"], np.zeros((f["bitmap"].shape[0], 1), np.uint8)], axis=1)
-        return f, k
-
-    def wrong_k(f):
-        return f, k + 8  # bitmap width 3 still fits ceil(29/8) = 4? no: 4 != 3
-
-    def x_k(f):
-        f["X"] = np.concatenate([f["X"], f["X"][:, :1]], axis=1)
-        return f, k
-
-    def offsets_len(f):
-        f["row_offsets"] = f["row_offsets"][:-1]
-        return f, k
-
-    def adapter_k(f):
-        f["A_cat"] = f["A_cat"][:, :-1]
-        return f, k
-
-    def adapter_r(f):
-        f["B_cat"] = f["B_cat"][:, :-1]
-        return f, k
-
-    def bias_n(f):
-        f["bias"] = f["bias"][:-1]
-        return f, k
-
-    return [
-        ("offsets_start", offsets_start, "row_offsets[0] = 0"),
-        ("offsets_decreasing", offsets_decreasing, "non-decreasing"),
-        ("offsets_end", offsets_end, "row_offsets[N] = len(values)"),
-        ("popcount", popcount, "popcount"),
-        ("padding_bits", padding, "padding bits"),
-        ("bitmap_width", width, "ceil(in_features/8)"),
-        ("in_features", wrong_k, "ceil(in_features/8)"),
-        ("x_last_dim", x_k, "input 'X'"),
-        ("offsets_length", offsets_len, "'row_offsets': expected shape [N + 1]"),
-        ("adapter_k", adapter_k, "'A_cat'"),
-        ("adapter_rank", adapter_r, "'B_cat'"),
-        ("bias_length", bias_n, "'bias'"),
-    ]
-
-
 @pytest.mark.parametrize("const", [True, False], ids=["const", "graph_input"])
-@pytest.mark.parametrize("name,mutate,fragment", _malformed_cases(), ids=[c[0] for c in _malformed_cases()])
+@pytest.mark.parametrize("name,mutate,fragment", malformed_v1_cases(), ids=[c[0] for c in malformed_v1_cases()])
 def test_malformed_inputs_raise(salr_lib, name, mutate, fragment, const):
     rng = np.random.default_rng(7)
     feeds, _ = _salr_case(rng, 12, 21, "random", 3, np.float32, np.float16, 2, True)
     feeds, k = mutate(dict(feeds))
-    model, run_feeds = _model(SALR_LINEAR, feeds, set(feeds) - {"X"} if const else set(), {IN_FEATURES_ATTR: k},
-                              np.float32)
+    model, run_feeds = make_model(SALR_LINEAR, feeds, set(feeds) - {"X"} if const else set(),
+                                  {IN_FEATURES_ATTR: k}, np.float32)
     with pytest.raises(Exception) as info:  # session creation (constants) or run (graph inputs)
-        _session(salr_lib, model).run(None, run_feeds)
+        make_session(salr_lib, model).run(None, run_feeds)
     msg = str(info.value)
     assert "SALRLinear" in msg and fragment in msg, msg
 
 
-@pytest.mark.parametrize("name,mutate,fragment", _malformed_cases()[:7], ids=[c[0] for c in _malformed_cases()[:7]])
+@pytest.mark.parametrize("name,mutate,fragment", malformed_v1_cases()[:7], ids=[c[0] for c in malformed_v1_cases()[:7]])
 def test_bitmap_decode_malformed_inputs_raise(salr_lib, name, mutate, fragment):
     rng = np.random.default_rng(8)
     feeds, _ = _salr_case(rng, 12, 21, "random", 3, np.float32, np.float16, 2, True)
     feeds, k = mutate(dict(feeds))
     sub = {n: feeds[n] for n in ("bitmap", "values", "row_offsets")}
-    model, run_feeds = _model(BITMAP_DECODE, sub, set(), {IN_FEATURES_ATTR: k}, np.float16)
+    model, run_feeds = make_model(BITMAP_DECODE, sub, set(), {IN_FEATURES_ATTR: k}, np.float16)
     with pytest.raises(Exception) as info:
-        _session(salr_lib, model).run(None, run_feeds)
+        make_session(salr_lib, model).run(None, run_feeds)
     assert "BitmapDecode" in str(info.value) and fragment in str(info.value)
 
 
 def test_missing_in_features_attribute(salr_lib):
     rng = np.random.default_rng(9)
     feeds, _ = _salr_case(rng, 4, 9, "random", 1, np.float32, np.float16, 0, False)
-    model, run_feeds = _model(SALR_LINEAR, feeds, set(), {}, np.float32)
+    model, run_feeds = make_model(SALR_LINEAR, feeds, set(), {}, np.float32)
     with pytest.raises(Exception, match="in_features"):
-        _session(salr_lib, model).run(None, run_feeds)
+        make_session(salr_lib, model).run(None, run_feeds)
 
 
 def test_random_malformed_inputs_never_crash(salr_lib):
@@ -392,9 +229,9 @@ def test_all_type_combinations_register(salr_lib):
     rng = np.random.default_rng(10)
     for xdt, vdt in itertools.chain(DTYPE_COMBOS, [(np.float16, np.float32)]):
         feeds, _ = _salr_case(rng, 4, 9, "random", 1, xdt, vdt, 1, False)
-        model, run_feeds = _model(SALR_LINEAR, feeds, set(), {IN_FEATURES_ATTR: 9}, xdt)
+        model, run_feeds = make_model(SALR_LINEAR, feeds, set(), {IN_FEATURES_ATTR: 9}, xdt)
         if (xdt, vdt) in DTYPE_COMBOS:
-            _session(salr_lib, model).run(None, run_feeds)
+            make_session(salr_lib, model).run(None, run_feeds)
         else:
             with pytest.raises(Exception):
-                _session(salr_lib, model).run(None, run_feeds)
+                make_session(salr_lib, model).run(None, run_feeds)
