@@ -202,7 +202,13 @@ void run_serial(void*, int64_t tasks, void (*fn)(void*, int64_t), void* arg) {
 }  // namespace
 
 void dequantize_values(const SparseWeight& w, int64_t v0, int64_t v1, float* out) {
-  for (int64_t i = v0; i < v1; ++i) *out++ = static_cast<float>(quantized_at(w, i)) * half_to_float(w.scales[i / w.group_size]);
+  for (int64_t i = v0, group = v0 / w.group_size, left = w.group_size - v0 % w.group_size; i < v1; ++i) {
+    *out++ = static_cast<float>(quantized_at(w, i)) * half_to_float(w.scales[group]);
+    if (--left == 0) {  // no division per value
+      ++group;
+      left = w.group_size;
+    }
+  }
 }
 
 void quantize_activations(const float* x, int64_t k, int8_t* xq, float* xs) {
