@@ -38,12 +38,15 @@ DATA = "../shared/data"  # relative to the project root, where the commands are 
 
 
 def layer_bytes(model, value_bytes: int = 2, adapter_bytes: int = 2) -> tuple[int, int]:
-    """(compressed bytes, dense bytes at `value_bytes`) summed over the SparseLowRankLinear layers."""
+    """(compressed bytes, dense bytes at `value_bytes`) summed over the SparseLowRankLinear layers.
+
+    Float bases count `value_bytes` per kept value; quantized ones their stored integers and scales.
+    """
     comp = dense = 0
     for _, m in iter_sparse_lowrank(model):
         n, k = m.out_features, m.in_features
         nnz = int(m.salr_mask.sum())
-        comp += stored_layer_bytes(n, k, nnz, m.total_rank, value_bytes, adapter_bytes)
+        comp += stored_layer_bytes(n, k, nnz, m.total_rank, value_bytes, adapter_bytes, m.bits, m.group_size)
         dense += n * k * value_bytes
     return comp, dense
 

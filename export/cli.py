@@ -39,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sparsity", type=float, default=None, help="fraction pruned (default 0.5)")
     parser.add_argument("--rank", type=int, default=None, help="SVD residual adapter rank (default 64)")
     parser.add_argument("--granularity", default=None, help="matrix | row | N:M, e.g. 2:4 (default matrix)")
+    parser.add_argument("--values", choices=["float", "int8", "int4"], default=None,
+                        help="how the sparse base values are stored: float (com.salr::SALRLinear), or int8/int4 with "
+                             "one fp16 scale per --group-size values (SALRLinearQ). When compressing, the SVD adapter "
+                             "absorbs the quantization error; a float checkpoint is quantized at export. Default: "
+                             "float when compressing, as stored for a checkpoint")
+    parser.add_argument("--group-size", type=int, default=None,
+                        help="values per scale with --values int8/int4 (default 32)")
     parser.add_argument("--budget", default=None,
                         help="SALAAD checkpoints: size to cut to, as a fraction of the targeted layers' dense fp16 "
                              "bytes (0.4, 40%%), bytes (40MB) or parameters (20M params); default: as trained")
@@ -78,8 +85,20 @@ def _load_tokenizer(directory: Path):
         return None
 
 
-def _load(args: argparse.Namespace):
-    """(model, tokenizer) ready for export, as the options say."""
+def _salr_config(args: argparse.Namespace):
+    """The SALRConfig the CLI compresses with (built, and so validated, before anything loads)."""
+    from salr_edge.config import SALRConfig
+
+    quantized = {} if args.values is None else {"values": args.values}
+    if args.group_size is not None:
+        quantized["group_size"] = args.group_size
+    return SALRConfig(sparsity=0.5 if args.sparsity is None else args.sparsity,
+                      rank=64 if args.rank is None else args.rank, lora_rank=0,
+                      granularity=args.granularity or "matrix", **quantized)
+
+
+def _load(args: argparse.Namespace, salr_config):
+    """(model, tokenizer) ready for export, as the options say; `salr_config` compresses a plain model."""
     from transformers import AutoConfig
 
     from salr_edge.models import resolve_model_dir
@@ -116,40 +135,43 @@ def _load(args: argparse.Namespace):
     get_architecture(AutoConfig.from_pretrained(str(directory)))  # refuse before loading weights
     logger.info("loading %s", directory)
     model, tokenizer = load_model(directory)
-    if args.method == "salr":
+    if salr_config is not None:
         from salr_edge.api import compress_
-        from salr_edge.config import SALRConfig
 
-        config = SALRConfig(sparsity=0.5 if args.sparsity is None else args.sparsity,
-                            rank=64 if args.rank is None else args.rank, lora_rank=0,
-                            granularity=args.granularity or "matrix")
-        logger.info("compressing with SALR (sparsity %.2f, rank %d, granularity %s)",
-                    config.sparsity, config.rank, config.granularity)
-        compress_(model, config, show_progress=not args.quiet)
+        logger.info("compressing with SALR (sparsity %.2f, rank %d, granularity %s, values %s)",
+                    salr_config.sparsity, salr_config.rank, salr_config.granularity, salr_config.values)
+        compress_(model, salr_config, show_progress=not args.quiet)
     return model, tokenizer
 
 
 def run(args: argparse.Namespace) -> int:
     from salr_edge.io_utils import check_writable_parent
 
+    from salr_edge.modules.sparse_lowrank_linear import iter_sparse_lowrank
+
     from .exporter import ExportConfig, export_onnx
 
     config = ExportConfig(method=args.method, dtype=args.dtype, values_dtype=args.values_dtype, opset=args.opset,
                           adapter_dtype=args.adapter_dtype, lm_head=args.lm_head,
                           function_fallback=not args.no_function_fallback,
-                          genai_config=not args.no_genai_config, copy_library=not args.no_library_copy)
+                          genai_config=not args.no_genai_config, copy_library=not args.no_library_copy,
+                          values=args.values, group_size=args.group_size)
     given = _compression_options_given(args)
     if given and (args.checkpoint is not None or args.method == "dense"):
         raise ValueError(f"{', '.join(given)} only apply when compressing (--method salr without --checkpoint)")
+    compressing = args.method == "salr" and args.checkpoint is None
+    salr_config = _salr_config(args) if compressing else None
     output = check_writable_parent(args.output)  # fail before minutes of loading and tracing
     if output.is_dir():
         raise IsADirectoryError(f"output {output} is a directory; give the .onnx file to write")
     start = time.perf_counter()
-    model, tokenizer = _load(args)
+    model, tokenizer = _load(args, salr_config)
     result = export_onnx(model, output, config, tokenizer=tokenizer)
     total = sum(p.stat().st_size for p in result.files if p.name.startswith(output.name))
+    quantized = config.bits is not None or any(m.is_quantized for _, m in iter_sparse_lowrank(model))
+    op = "SALRLinearQ" if quantized and config.method == "salr" else "SALRLinear"
     sys.stdout.write(f"wrote {result.model_path} ({total / 2**20:.1f} MiB with its weights, "
-                     f"{result.num_salr_nodes} SALRLinear nodes) in {time.perf_counter() - start:.0f} s\n")
+                     f"{result.num_salr_nodes} {op} nodes) in {time.perf_counter() - start:.0f} s\n")
     return 0
 
 

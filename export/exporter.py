@@ -6,8 +6,8 @@ Recipe (DESIGN.md §3, measured with torch 2.13's dynamo exporter and transforme
   `DynamicCache` and returns logits and each layer's ``present.{i}.key/value``; `dynamic_shapes`
   mirrors its signature with batch, sequence, past and total length as separate dims.
 - Every `SparseLowRankLinear` is swapped for `_SALRLinearExport`, whose forward emits one
-  ``com.salr::SALRLinear`` node through `torch.onnx.ops.symbolic` (bitmap, values, row offsets and the
-  fused adapters become initializers).
+  ``com.salr::SALRLinear`` node (``SALRLinearQ`` for a quantized base) through `torch.onnx.ops.symbolic`
+  (bitmap, values, row offsets, scales and the fused adapters become initializers).
 - The dynamo exporter drops model-local functions, so the function bodies are appended to the
   exported IR model afterwards, with the model's default-domain opset.
 - Nodes are renamed after the module they come from (``/model/layers.3/mlp/down_proj/SALRLinear``),
@@ -40,8 +40,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from salr_edge.config import _ConfigMixin
-from salr_edge.formats.bitmap import BitmapTensor, bitmap_decode
+from salr_edge.config import VALUE_BITS, VALUE_FORMATS, _ConfigMixin
+from salr_edge.formats.bitmap import BitmapTensor, bitmap_decode, quantize_bitmap
 from salr_edge.io_utils import check_writable_parent
 from salr_edge.modules.sparse_lowrank_linear import SparseLowRankLinear, iter_sparse_lowrank
 
@@ -58,6 +58,8 @@ LM_HEADS = ("float", "int8")
 # (checked on ORT 1.32). A runtime without opset 23 needs `opset=18`.
 DEFAULT_OPSET = 23
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16}
+# Values per scale of layers quantized at export when ExportConfig.group_size is None (SALRConfig's default).
+DEFAULT_GROUP_SIZE = 32
 
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
@@ -102,6 +104,14 @@ class ExportConfig(_ConfigMixin):
             `com.microsoft::MatMulNBits` with 8-bit weights (block 32, int8 activations) and a tied input
             embedding gathers from the same int8 table (see `quantized_head`): 0.28x the fp32 bytes of the
             largest matrix of a small LM, read at int8 speed for every token. Needs onnxruntime.
+        values: how the sparse bases are stored. None: as each layer holds them (a quantized base becomes
+            `com.salr::SALRLinearQ`, a float one `SALRLinear` with `values_dtype`). "float": every layer
+            as float values (a quantized layer is refused). "int8"/"int4": every layer as `SALRLinearQ`
+            with that many bits; a float base is quantized at export (plain round-to-nearest: no adapter
+            absorbs the error, unlike `SALRConfig(values=...)`), a quantized base must already match.
+            Needs method "salr".
+        group_size: values per scale with integer `values`: of layers quantized at export (None: 32),
+            and, when given, required of already quantized layers.
     """
 
     method: str = "salr"
@@ -114,6 +124,8 @@ class ExportConfig(_ConfigMixin):
     check_model: bool = True
     adapter_dtype: str | None = None
     lm_head: str = "float"
+    values: str | None = None
+    group_size: int | None = None
     version: int = 1
 
     VERSION: ClassVar[int] = 1
@@ -137,6 +149,16 @@ class ExportConfig(_ConfigMixin):
             raise ValueError(f"adapter_dtype must be None or one of {tuple(DTYPES)}, got {self.adapter_dtype!r}")
         if self.lm_head not in LM_HEADS:
             raise ValueError(f"lm_head must be one of {LM_HEADS}, got {self.lm_head!r}")
+        if self.values is not None and self.values not in VALUE_FORMATS:
+            raise ValueError(f"values must be None (as stored) or one of {VALUE_FORMATS}, got {self.values!r}")
+        if self.bits is not None and self.method != "salr":
+            raise ValueError(f"values={self.values!r} needs method 'salr': method {self.method!r} has no "
+                             "quantized path (it exports dense float weights)")
+        if self.group_size is not None:
+            if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+                raise ValueError(f"group_size must be None or an integer >= 1, got {self.group_size!r}")
+            if self.bits is None:
+                raise ValueError(f"group_size applies only with values 'int8' or 'int4', got values={self.values!r}")
         for name in ("function_fallback", "genai_config", "copy_library", "check_model"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -156,6 +178,11 @@ class ExportConfig(_ConfigMixin):
     def torch_adapter_dtype(self) -> torch.dtype:
         return DTYPES[self.adapter_dtype or self.dtype]
 
+    @property
+    def bits(self) -> int | None:
+        """Bits asked of every layer's values (8 or 4), None for float or as-stored values."""
+        return VALUE_BITS[self.values] if self.values is not None else None
+
 
 @dataclass
 class ExportResult:
@@ -164,7 +191,7 @@ class ExportResult:
     Attributes:
         model_path: the `.onnx` file.
         files: every file written into the output folder (model, external data, genai files).
-        num_salr_nodes: number of `com.salr::SALRLinear` nodes.
+        num_salr_nodes: number of `com.salr::SALRLinear` and `SALRLinearQ` nodes (one per compressed layer).
         seconds: wall time of the export.
     """
 
@@ -176,26 +203,37 @@ class ExportResult:
 
 # ---- export-time modules -------------------------------------------------------------------------
 class _SALRLinearExport(nn.Module):
-    """Stands in for a `SparseLowRankLinear` during export: one `com.salr::SALRLinear` node.
+    """Stands in for a `SparseLowRankLinear` during export: one `com.salr::SALRLinear` node, or
+    `SALRLinearQ` when the base is quantized (bitmap format version 2).
 
     Holds exactly the op's inputs as buffers (they become initializers named
-    ``<module>.weight.{bitmap,values,row_offsets}``, ``<module>.A_cat``, ``<module>.B_cat``,
-    ``<module>.bias``). Outside an ONNX export its forward computes the op's contract in PyTorch from
-    those same buffers, so a test can check them against the original module.
+    ``<module>.weight.{bitmap,values,row_offsets}`` (+ ``<module>.weight.scales``), ``<module>.A_cat``,
+    ``<module>.B_cat``, ``<module>.bias``). Outside an ONNX export its forward computes the op's contract
+    in PyTorch from those same buffers, so a test can check them against the original module.
+
+    Args:
+        module: the layer.
+        values_dtype: dtype of float values (unused for a quantized base).
+        dtype: dtype of the adapters and bias (the activations').
+        bitmap: the base to export; default: `module.to_bitmap(values_dtype)`.
     """
 
-    def __init__(self, module: SparseLowRankLinear, values_dtype: torch.dtype, dtype: torch.dtype) -> None:
+    def __init__(self, module: SparseLowRankLinear, values_dtype: torch.dtype, dtype: torch.dtype,
+                 bitmap: BitmapTensor | None = None) -> None:
         super().__init__()
         if module.merged:
             raise ValueError("a SparseLowRankLinear has its adapters merged; call unmerge() before exporting")
         self.in_features = module.in_features
         self.out_features = module.out_features
-        bitmap: BitmapTensor = module.to_bitmap(values_dtype)
+        bitmap = module.to_bitmap(values_dtype) if bitmap is None else bitmap
+        self.bits, self.group_size = bitmap.bits, bitmap.group_size
         # A child module named `weight` gives the buffers the names `<module>.weight.bitmap` etc.
         self.weight = nn.Module()
         self.weight.register_buffer("bitmap", bitmap.bitmap.contiguous())  # (N, ceil(K/8)) uint8
-        self.weight.register_buffer("values", bitmap.values.contiguous())  # (nnz,)
+        self.weight.register_buffer("values", bitmap.values.contiguous())  # (nnz,) float/int8 | (ceil(nnz/2),) uint8
         self.weight.register_buffer("row_offsets", bitmap.row_offsets.contiguous())  # (N+1,) int64
+        if bitmap.is_quantized:
+            self.weight.register_buffer("scales", bitmap.scales.contiguous())  # (ceil(nnz/group_size),) float16
         with torch.no_grad():
             # Fold the scalings in fp32 before any cast to fp16.
             a_cat, b_cat = (t.detach().float() for t in module.fused_adapters())
@@ -206,21 +244,53 @@ class _SALRLinearExport(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
+            w = self.weight
+            if self.bits is None:
+                op, weights, attrs = ops_schema.SALR_LINEAR, (w.bitmap, w.values, w.row_offsets), {}
+            else:
+                op, weights = ops_schema.SALR_LINEAR_Q, (w.bitmap, w.values, w.row_offsets, w.scales)
+                attrs = {ops_schema.BITS_ATTR: self.bits, ops_schema.GROUP_SIZE_ATTR: self.group_size}
             return torch.onnx.ops.symbolic(
-                f"{ops_schema.SALR_DOMAIN}::{ops_schema.SALR_LINEAR}",
-                (x, self.weight.bitmap, self.weight.values, self.weight.row_offsets, self.A_cat, self.B_cat,
-                 self.bias),
-                {ops_schema.IN_FEATURES_ATTR: self.in_features},
+                f"{ops_schema.SALR_DOMAIN}::{op}", (x, *weights, self.A_cat, self.B_cat, self.bias),
+                {ops_schema.IN_FEATURES_ATTR: self.in_features, **attrs},
                 dtype=x.dtype, shape=(*x.shape[:-1], self.out_features), version=ops_schema.SALR_OPSET_VERSION)
-        bitmap = BitmapTensor(self.weight.bitmap, self.weight.values, self.weight.row_offsets,
-                              (self.out_features, self.in_features))
-        w = bitmap_decode(bitmap, x.dtype)  # (N, K)
+        w = bitmap_decode(self.stored_bitmap(), x.dtype)  # (N, K)
         y = x @ w.t() + (x @ self.A_cat.t()) @ self.B_cat.t()  # (..., N)
         return y if self.bias is None else y + self.bias
 
+    def stored_bitmap(self) -> BitmapTensor:
+        """The base as the node's initializers hold it."""
+        return BitmapTensor(self.weight.bitmap, self.weight.values, self.weight.row_offsets,
+                            (self.out_features, self.in_features), getattr(self.weight, "scales", None), self.bits,
+                            self.group_size)
+
     def extra_repr(self) -> str:
+        values = "float" if self.bits is None else f"int{self.bits}/g{self.group_size}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"nnz={self.weight.values.numel()}, rank={self.A_cat.shape[0]}")
+                f"nnz={self.stored_bitmap().nnz}, values={values}, rank={self.A_cat.shape[0]}")
+
+
+def _export_bitmap(name: str, module: SparseLowRankLinear, config: ExportConfig) -> BitmapTensor:
+    """The base of layer `name` in the format `config.values` asks for (see `ExportConfig`).
+
+    Raises:
+        ValueError: a quantized layer with `values` "float", or with other bits or group size than asked.
+    """
+    if config.values is None:
+        return module.to_bitmap(config.torch_values_dtype)
+    if module.is_quantized:
+        stored = f"layer {name!r} stores int{module.bits} values (group_size {module.group_size})"
+        if config.bits is None:
+            raise ValueError(f"{stored}; values='float' would need them dequantized: export with values=None "
+                             f"(as stored) or values='int{module.bits}'")
+        if config.bits != module.bits or config.group_size not in (None, module.group_size):
+            raise ValueError(f"{stored}, not the values={config.values!r}, group_size={config.group_size} asked "
+                             "for; quantized values are never quantized again")
+        return module.to_bitmap()
+    if config.bits is None:
+        return module.to_bitmap(config.torch_values_dtype)
+    # from the float32 base, not from values already rounded to values_dtype
+    return quantize_bitmap(module.to_bitmap(torch.float32), config.bits, config.group_size or DEFAULT_GROUP_SIZE)
 
 
 def _dense_linear(module: SparseLowRankLinear, dtype: torch.dtype) -> nn.Linear:
@@ -327,10 +397,17 @@ def _replacement_modules(model: nn.Module, config: ExportConfig) -> dict[str, nn
     replacements: dict[str, nn.Module] = {}
     if config.lm_head == "int8":
         replacements.update(int8_head_replacements(model, config.torch_dtype))
+    if config.bits is not None:
+        floats = [name for name, module in layers if not module.is_quantized]
+        if floats:
+            logger.warning("quantizing %d float layers to %s at export: plain rounding, no adapter absorbs its "
+                           "error (SALRConfig(values=%r) compresses error-aware)", len(floats), config.values,
+                           config.values)
     for name, module in tqdm(layers, desc=f"prepare {config.method} layers", disable=len(layers) < 50,
                              leave=False):
         if config.method == "salr":
-            replacements[name] = _SALRLinearExport(module, config.torch_values_dtype, config.torch_dtype)
+            replacements[name] = _SALRLinearExport(module, config.torch_values_dtype, config.torch_dtype,
+                                                   _export_bitmap(name, module, config))
         else:
             replacements[name] = _dense_linear(module, config.torch_dtype)
     return replacements
@@ -541,7 +618,7 @@ def _resolve_weight_transposes(ir_model) -> tuple[int, int]:
 
 
 def _narrow_adapters(ir_model, dtype: torch.dtype) -> int:
-    """Store every SALRLinear's A_cat / B_cat in `dtype`, cast back to the activations' type in the graph.
+    """Store every SALRLinear(Q)'s A_cat / B_cat in `dtype`, cast back to the activations' type in the graph.
 
     Done on the IR because the exporter's optimizer folds a traced Cast of a buffer into a new full-width
     constant. ORT folds the Cast once at session load, so the kernel still reads constant adapters.
@@ -555,9 +632,9 @@ def _narrow_adapters(ir_model, dtype: torch.dtype) -> int:
     graph = ir_model.graph
     narrowed = 0
     for node in list(graph):
-        if node.op_type != ops_schema.SALR_LINEAR or node.domain != ops_schema.SALR_DOMAIN:
+        if node.op_type not in ops_schema.LINEAR_OPS or node.domain != ops_schema.SALR_DOMAIN:
             continue
-        for index in (4, 5):
+        for index in ops_schema.ADAPTER_INPUTS[node.op_type]:
             value = node.inputs[index]
             if (value is None or not value.is_initializer() or value.const_value is None or value.dtype == target
                     or len(list(value.uses())) != 1):
@@ -675,7 +752,7 @@ def export_onnx(model: nn.Module, output_path: str | os.PathLike, config: Export
             node.metadata_props.clear()
         if used and config.function_fallback:
             _add_functions(ir_model, used)
-        num_salr = sum(1 for node in ir_model.graph if node.op_type == ops_schema.SALR_LINEAR
+        num_salr = sum(1 for node in ir_model.graph if node.op_type in ops_schema.LINEAR_OPS
                        and node.domain == ops_schema.SALR_DOMAIN)
         ir_model.producer_name = "salr-edge"
         ir_model.metadata_props.update({"salr_edge.method": config.method, "salr_edge.dtype": config.dtype,

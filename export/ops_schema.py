@@ -8,6 +8,10 @@ agree. The op contracts are DESIGN.md §3:
 - ``FusedAdapterGemm(X [..., K], A_cat [R, K], B_cat [N, R]) -> Y [..., N]``: Y = (X·A_catᵀ)·B_catᵀ.
 - ``SALRLinear(X, bitmap, values, row_offsets, A_cat, B_cat, bias?) -> Y [..., N]``:
   Y = X·Wᵀ + (X·A_catᵀ)·B_catᵀ (+ bias), attribute ``in_features``.
+- ``SALRLinearQ(X, bitmap, values, row_offsets, scales, A_cat, B_cat, bias?) -> Y [..., N]``: the same
+  with W in bitmap format version 2 (``values`` int8 or packed int4 in uint8, ``scales`` float16 per
+  ``group_size`` values; custom_ops/README.md "Bitmap format v2"), attributes ``in_features``, ``bits``
+  (4 or 8) and ``group_size``.
 
 Every op also gets an ONNX `FunctionProto` with the same (domain, name) whose body uses only standard
 ONNX ops. A runtime without the custom-op library inlines that body and computes the same result
@@ -32,9 +36,16 @@ SALR_OPSET_VERSION = 1
 BITMAP_DECODE = "BitmapDecode"
 FUSED_ADAPTER_GEMM = "FusedAdapterGemm"
 SALR_LINEAR = "SALRLinear"
-OP_TYPES = (BITMAP_DECODE, FUSED_ADAPTER_GEMM, SALR_LINEAR)
+SALR_LINEAR_Q = "SALRLinearQ"
+OP_TYPES = (BITMAP_DECODE, FUSED_ADAPTER_GEMM, SALR_LINEAR, SALR_LINEAR_Q)
+# The fused linear ops the exporter emits, one per compressed layer: float values, quantized values.
+LINEAR_OPS = (SALR_LINEAR, SALR_LINEAR_Q)
+# Input positions of A_cat and B_cat in each op that takes them.
+ADAPTER_INPUTS = {FUSED_ADAPTER_GEMM: (1, 2), SALR_LINEAR: (4, 5), SALR_LINEAR_Q: (5, 6)}
 
 IN_FEATURES_ATTR = "in_features"
+BITS_ATTR = "bits"
+GROUP_SIZE_ATTR = "group_size"
 
 # The function bodies use BitwiseAnd (opset 18) and Shape(start/end) / CastLike (opset 15).
 MIN_DEFAULT_OPSET = 18
@@ -66,17 +77,21 @@ def _set_output(ctx, elem_type: int, dims: list | None) -> None:
     ctx.set_output_type(0, out)
 
 
-def _infer_linear_like(ctx) -> None:
-    """Y [..., N]: X's type, X's leading dims, N taken from B_cat [N, R] (input 2 or 5)."""
-    x_type = ctx.get_input_type(0)
-    b_index = 2 if ctx.get_num_inputs() == 3 else 5
-    x_dims = _dims(x_type)
-    b_dims = _dims(ctx.get_input_type(b_index)) if ctx.has_input(b_index) else None
-    dims = None
-    if x_dims is not None:
-        n_dim = b_dims[0] if b_dims else onnx.TensorShapeProto.Dimension()
-        dims = [*x_dims[:-1], n_dim]
-    _set_output(ctx, x_type.tensor_type.elem_type, dims)
+def _linear_like_inference(op_type: str) -> Callable:
+    """Shape inference of `op_type`: Y [..., N] of X's type with X's leading dims, N taken from B_cat [N, R]."""
+    b_index = ADAPTER_INPUTS[op_type][1]
+
+    def infer(ctx) -> None:
+        x_type = ctx.get_input_type(0)
+        x_dims = _dims(x_type)
+        b_dims = _dims(ctx.get_input_type(b_index)) if ctx.has_input(b_index) else None
+        dims = None
+        if x_dims is not None:
+            n_dim = b_dims[0] if b_dims else onnx.TensorShapeProto.Dimension()
+            dims = [*x_dims[:-1], n_dim]
+        _set_output(ctx, x_type.tensor_type.elem_type, dims)
+
+    return infer
 
 
 def _infer_bitmap_decode(ctx) -> None:
@@ -98,13 +113,22 @@ def _param(name: str, type_str: str, doc: str, optional: bool = False) -> OpSche
 
 _IN_FEATURES = OpSchema.Attribute(IN_FEATURES_ATTR, OpSchema.AttrType.INT,
                                   "K, the number of input features (columns of the dense weight)", required=True)
+_BITS = OpSchema.Attribute(BITS_ATTR, OpSchema.AttrType.INT, "bits per stored value: 8 (int8) or 4 (packed int4)",
+                           required=True)
+_GROUP_SIZE = OpSchema.Attribute(GROUP_SIZE_ATTR, OpSchema.AttrType.INT,
+                                 "consecutive values (storage order) per float16 scale, >= 1", required=True)
 _T_CONSTRAINT = ("T", _FLOAT_TYPES, "activations, adapters, bias and output")
 _V_CONSTRAINT = ("V", _FLOAT_TYPES, "stored non-zeros: float16, or the activations' type")
+_Q_CONSTRAINT = ("Q", ["tensor(int8)", "tensor(uint8)"], "stored integers: int8 (bits 8) or packed int4 (bits 4)")
+_BITMAP_INPUT = _param("bitmap", "tensor(uint8)", "[N, ceil(K/8)]; bit j of byte g in row n is W[n, 8g+j] kept")
+_ROW_OFFSETS_INPUT = _param("row_offsets", "tensor(int64)", "[N+1] start of each row among the values; last = nnz")
 _BITMAP_INPUTS = [
-    _param("bitmap", "tensor(uint8)", "[N, ceil(K/8)]; bit j of byte g in row n is W[n, 8g+j] kept"),
+    _BITMAP_INPUT,
     _param("values", "V", "[nnz] kept entries, row by row, columns ascending"),
-    _param("row_offsets", "tensor(int64)", "[N+1] start of each row in values; last = nnz"),
+    _ROW_OFFSETS_INPUT,
 ]
+_ADAPTER_INPUTS = [_param("A_cat", "T", "[R, K]"), _param("B_cat", "T", "[N, R]"),
+                   _param("bias", "T", "[N]", optional=True)]
 
 
 def _schemas() -> list[tuple[OpSchema, Callable]]:
@@ -123,12 +147,22 @@ def _schemas() -> list[tuple[OpSchema, Callable]]:
     linear = OpSchema(
         SALR_LINEAR, SALR_DOMAIN, SALR_OPSET_VERSION,
         "Y = X·Wᵀ + (X·A_catᵀ)·B_catᵀ (+ bias) with W stored as a bitmap; R = 0 is a plain sparse layer.",
-        inputs=[_param("X", "T", "[..., K]"), *_BITMAP_INPUTS,
-                _param("A_cat", "T", "[R, K]"), _param("B_cat", "T", "[N, R]"),
-                _param("bias", "T", "[N]", optional=True)],
+        inputs=[_param("X", "T", "[..., K]"), *_BITMAP_INPUTS, *_ADAPTER_INPUTS],
         outputs=[_param("Y", "T", "[..., N]")],
         type_constraints=[_T_CONSTRAINT, _V_CONSTRAINT], attributes=[_IN_FEATURES])
-    return [(decode, _infer_bitmap_decode), (adapter, _infer_linear_like), (linear, _infer_linear_like)]
+    linear_q = OpSchema(
+        SALR_LINEAR_Q, SALR_DOMAIN, SALR_OPSET_VERSION,
+        "SALRLinear with W in bitmap format v2: value i = q_i * scales[i // group_size], q int8 or packed int4.",
+        inputs=[_param("X", "T", "[..., K]"), _BITMAP_INPUT,
+                _param("values", "Q", "int8 [nnz] or uint8 [ceil(nnz/2)] (value i in nibble i % 2 of byte i // 2, "
+                                      "low first, q = nibble - 8)"),
+                _ROW_OFFSETS_INPUT,
+                _param("scales", "tensor(float16)", "[ceil(nnz/group_size)] one scale per group of values"),
+                *_ADAPTER_INPUTS],
+        outputs=[_param("Y", "T", "[..., N]")],
+        type_constraints=[_T_CONSTRAINT, _Q_CONSTRAINT], attributes=[_IN_FEATURES, _BITS, _GROUP_SIZE])
+    return [(decode, _infer_bitmap_decode), (adapter, _linear_like_inference(FUSED_ADAPTER_GEMM)),
+            (linear, _linear_like_inference(SALR_LINEAR)), (linear_q, _linear_like_inference(SALR_LINEAR_Q))]
 
 
 def register_schemas() -> None:
@@ -259,6 +293,26 @@ def fused_adapter_gemm_function(default_opset: int) -> FunctionProto:
                                 doc_string="Reference body of com.salr::FusedAdapterGemm in standard ONNX ops.")
 
 
+def _linear_nodes(values: str) -> list[NodeProto]:
+    """The nodes of SALRLinear's body (diagram in `salr_linear_function`), reading float values `values`."""
+    return [
+        # X2 (M, K): Gemm is 2-D only
+        helper.make_node("Shape", ["X"], ["x_k"], start=-1),  # (1,) = [K]
+        helper.make_node("Constant", [], ["minus_one"], value=helper.make_tensor("m1", TensorProto.INT64, [1], [-1])),
+        helper.make_node("Concat", ["minus_one", "x_k"], ["x2_shape"], axis=0),
+        helper.make_node("Reshape", ["X", "x2_shape"], ["X2"]),  # (M, K)
+        *_decode_nodes("bitmap", values, "row_offsets", "W_values", prefix="decode/"),
+        helper.make_node("CastLike", ["W_values", "X"], ["W"]),  # (N, K) in X's type
+        helper.make_node("Gemm", ["X2", "W", "bias"], ["Yb"], transB=1),  # (M, N)
+        helper.make_node("Gemm", ["X2", "A_cat"], ["T"], transB=1),  # (M, R)
+        helper.make_node("Gemm", ["T", "B_cat", "Yb"], ["Y2"], transB=1),  # (M, N)
+        helper.make_node("Shape", ["X"], ["lead"], start=0, end=-1),  # (rank-1,)
+        helper.make_node("Shape", ["B_cat"], ["n"], start=0, end=1),  # (1,) = [N]
+        helper.make_node("Concat", ["lead", "n"], ["y_shape"], axis=0),
+        helper.make_node("Reshape", ["Y2", "y_shape"], ["Y"]),  # (..., N)
+    ]
+
+
 def salr_linear_function(default_opset: int) -> FunctionProto:
     """The body of `com.salr::SALRLinear`.
 
@@ -278,32 +332,100 @@ def salr_linear_function(default_opset: int) -> FunctionProto:
     Gemm's third input is optional, which is how a bias that the caller omitted disappears from the
     body (Add would need it). The adapter output is accumulated onto Yb through the last Gemm's C.
     """
-    nodes = [
-        # X2 (M, K): Gemm is 2-D only
-        helper.make_node("Shape", ["X"], ["x_k"], start=-1),  # (1,) = [K]
-        helper.make_node("Constant", [], ["minus_one"], value=helper.make_tensor("m1", TensorProto.INT64, [1], [-1])),
-        helper.make_node("Concat", ["minus_one", "x_k"], ["x2_shape"], axis=0),
-        helper.make_node("Reshape", ["X", "x2_shape"], ["X2"]),  # (M, K)
-        *_decode_nodes("bitmap", "values", "row_offsets", "W_values", prefix="decode/"),
-        helper.make_node("CastLike", ["W_values", "X"], ["W"]),  # (N, K) in X's type
-        helper.make_node("Gemm", ["X2", "W", "bias"], ["Yb"], transB=1),  # (M, N)
-        helper.make_node("Gemm", ["X2", "A_cat"], ["T"], transB=1),  # (M, R)
-        helper.make_node("Gemm", ["T", "B_cat", "Yb"], ["Y2"], transB=1),  # (M, N)
-        helper.make_node("Shape", ["X"], ["lead"], start=0, end=-1),  # (rank-1,)
-        helper.make_node("Shape", ["B_cat"], ["n"], start=0, end=1),  # (1,) = [N]
-        helper.make_node("Concat", ["lead", "n"], ["y_shape"], axis=0),
-        helper.make_node("Reshape", ["Y2", "y_shape"], ["Y"]),  # (..., N)
-    ]
     return helper.make_function(SALR_DOMAIN, SALR_LINEAR,
-                                ["X", "bitmap", "values", "row_offsets", "A_cat", "B_cat", "bias"], ["Y"], nodes,
-                                _opset_imports(default_opset), attributes=[IN_FEATURES_ATTR],
+                                ["X", "bitmap", "values", "row_offsets", "A_cat", "B_cat", "bias"], ["Y"],
+                                _linear_nodes("values"), _opset_imports(default_opset), attributes=[IN_FEATURES_ATTR],
                                 doc_string="Reference body of com.salr::SALRLinear in standard ONNX ops.")
+
+
+def _int4_codes_branch(values: str, nnz: str, out: str) -> onnx.GraphProto:
+    """If-branch: q (nnz,) float32 from packed int4 `values` uint8 [ceil(nnz/2)] (nibble u -> q = u - 8).
+
+    The Cast to uint8 changes nothing for int4's uint8 values; it lets the branch type-check when the
+    node's values are int8 (bits 8), where the branch exists but never runs.
+    """
+    p = "int4/"
+    nodes = [
+        helper.make_node("Cast", [values], [f"{p}bytes"], to=TensorProto.UINT8),  # (P,)
+        _const(f"{p}axis_last", helper.make_tensor("axis", TensorProto.INT64, [1], [-1])),
+        helper.make_node("Unsqueeze", [f"{p}bytes", f"{p}axis_last"], [f"{p}bytes_col"]),  # (P, 1)
+        _const(f"{p}shifts", helper.make_tensor("shifts", TensorProto.UINT8, [2], [0, 4])),  # low nibble first
+        helper.make_node("BitShift", [f"{p}bytes_col", f"{p}shifts"], [f"{p}shifted"], direction="RIGHT"),  # (P, 2)
+        _const(f"{p}low_mask", helper.make_tensor("m", TensorProto.UINT8, [], [0x0F])),
+        helper.make_node("BitwiseAnd", [f"{p}shifted", f"{p}low_mask"], [f"{p}nibbles2"]),  # (P, 2)
+        helper.make_node("Reshape", [f"{p}nibbles2", f"{p}axis_last"], [f"{p}nibbles_padded"]),  # (2P,)
+        _const(f"{p}zero_1d", helper.make_tensor("z", TensorProto.INT64, [1], [0])),
+        helper.make_node("Slice", [f"{p}nibbles_padded", f"{p}zero_1d", nnz], [f"{p}nibbles"]),  # (nnz,)
+        helper.make_node("Cast", [f"{p}nibbles"], [f"{p}nibbles_f"], to=TensorProto.FLOAT),
+        _const(f"{p}offset", helper.make_tensor("o", TensorProto.FLOAT, [], [8.0])),
+        helper.make_node("Sub", [f"{p}nibbles_f", f"{p}offset"], [out]),  # (nnz,) q in [-8, 7]
+    ]
+    return helper.make_graph(nodes, "int4_codes", [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
+
+
+def _int8_codes_branch(values: str, out: str) -> onnx.GraphProto:
+    """If-branch: q (nnz,) float32 from int8 `values` [nnz]."""
+    nodes = [helper.make_node("Cast", [values], [out], to=TensorProto.FLOAT)]
+    return helper.make_graph(nodes, "int8_codes", [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
+
+
+def _dequantize_nodes(values: str, row_offsets: str, scales: str, out: str, prefix: str) -> list[NodeProto]:
+    """Nodes that turn bitmap-format-v2 `values` + `scales` into float32 values (nnz,) = q_i * scales[i // group_size].
+
+    ::
+
+        row_offsets[-1:] ─► nnz (1,)
+        bits == 4 ─► If ─ then: values ─ Cast uint8 ─ Unsqueeze ─ BitShift [0, 4] ─ BitwiseAnd 15
+                    │                   ─ Reshape (2P,) ─ Slice [:nnz] ─ Cast float ─ Sub 8 ─► q
+                    └─ else: values (int8) ─ Cast float ─────────────────────────────────► q
+                                                                                           │ (nnz,)
+        Range(0, nnz) ─ Div group_size ─► group (nnz,) ─ Gather ◄─ Cast float ◄─ scales    │
+                                                           │ s (nnz,)                      │
+                                                           └──────────── Mul ◄─────────────┘
+                                                                          ▼ out (nnz,) float32
+
+    q·s is exact in float32 (q has at most 8 bits, an fp16 scale 11), so the body computes the very
+    values the PyTorch module multiplies by.
+    """
+    p = prefix
+    return [
+        _const(f"{p}last", helper.make_tensor("last", TensorProto.INT64, [1], [-1])),
+        _const(f"{p}end", helper.make_tensor("end", TensorProto.INT64, [1], [2**63 - 1])),
+        helper.make_node("Slice", [row_offsets, f"{p}last", f"{p}end"], [f"{p}nnz"]),  # (1,) = [nnz]
+        _attr_ref_const(f"{p}bits", BITS_ATTR),
+        _const(f"{p}four", helper.make_tensor("four", TensorProto.INT64, [], [4])),
+        helper.make_node("Equal", [f"{p}bits", f"{p}four"], [f"{p}is_int4"]),
+        helper.make_node("If", [f"{p}is_int4"], [f"{p}q"],
+                         then_branch=_int4_codes_branch(values, f"{p}nnz", f"{p}q_int4"),
+                         else_branch=_int8_codes_branch(values, f"{p}q_int8")),  # (nnz,) float32
+        _const(f"{p}zero", helper.make_tensor("zero", TensorProto.INT64, [], [0])),
+        _const(f"{p}one", helper.make_tensor("one", TensorProto.INT64, [], [1])),
+        helper.make_node("Squeeze", [f"{p}nnz"], [f"{p}nnz_scalar"]),
+        helper.make_node("Range", [f"{p}zero", f"{p}nnz_scalar", f"{p}one"], [f"{p}index"]),  # (nnz,)
+        _attr_ref_const(f"{p}group_size", GROUP_SIZE_ATTR),
+        helper.make_node("Div", [f"{p}index", f"{p}group_size"], [f"{p}group"]),  # (nnz,) i // group_size
+        helper.make_node("Cast", [scales], [f"{p}scales_f"], to=TensorProto.FLOAT),
+        helper.make_node("Gather", [f"{p}scales_f", f"{p}group"], [f"{p}s"], axis=0),  # (nnz,)
+        helper.make_node("Mul", [f"{p}q", f"{p}s"], [out]),  # (nnz,)
+    ]
+
+
+def salr_linear_q_function(default_opset: int) -> FunctionProto:
+    """The body of `com.salr::SALRLinearQ`: the values dequantized (`_dequantize_nodes`), then SALRLinear's body."""
+    nodes = [*_dequantize_nodes("values", "row_offsets", "scales", "values_f", prefix="dequant/"),
+             *_linear_nodes("values_f")]
+    return helper.make_function(SALR_DOMAIN, SALR_LINEAR_Q,
+                                ["X", "bitmap", "values", "row_offsets", "scales", "A_cat", "B_cat", "bias"], ["Y"],
+                                nodes, _opset_imports(default_opset),
+                                attributes=[IN_FEATURES_ATTR, BITS_ATTR, GROUP_SIZE_ATTR],
+                                doc_string="Reference body of com.salr::SALRLinearQ in standard ONNX ops.")
 
 
 FUNCTION_BUILDERS: dict[str, Callable[[int], FunctionProto]] = {
     BITMAP_DECODE: bitmap_decode_function,
     FUSED_ADAPTER_GEMM: fused_adapter_gemm_function,
     SALR_LINEAR: salr_linear_function,
+    SALR_LINEAR_Q: salr_linear_q_function,
 }
 
 

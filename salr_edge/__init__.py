@@ -30,6 +30,7 @@ _LAZY = {
     "BitmapTensor": "salr_edge.formats.bitmap",
     "bitmap_encode": "salr_edge.formats.bitmap",
     "bitmap_decode": "salr_edge.formats.bitmap",
+    "quantize_bitmap": "salr_edge.formats.bitmap",
     "load_model": "salr_edge.models",
 }
 

@@ -3,10 +3,13 @@
 A checkpoint directory holds:
 - ``config.json``: the transformers config of the base model;
 - ``salr_config.json``: our own block (format name and version, library version, method and its
-  config, per-layer shape/density/adapters), written with ``sort_keys=True``;
-- ``model.safetensors``: for every compressed layer ``<name>.weight.{bitmap,values,row_offsets,shape}``,
-  ``<name>.salr_A.<adapter>``, ``<name>.salr_B.<adapter>``, ``<name>.bias``; every other parameter
-  and persistent buffer under its usual name (tied duplicates stored once). Nothing is pickled.
+  config, per-layer shape/density/adapters, and ``bits``/``group_size`` of quantized layers), written
+  with ``sort_keys=True``. The format is "salr-bitmap-v2" (version 2) when any layer stores quantized
+  values, else "salr-bitmap-v1" (version 1), so float checkpoints stay readable by older versions;
+- ``model.safetensors``: for every compressed layer ``<name>.weight.{bitmap,values,row_offsets,shape}``
+  (+ ``<name>.weight.scales`` when quantized), ``<name>.salr_A.<adapter>``, ``<name>.salr_B.<adapter>``,
+  ``<name>.bias``; every other parameter and persistent buffer under its usual name (tied duplicates
+  stored once). Nothing is pickled.
 - tokenizer files when a tokenizer is given.
 """
 
@@ -23,7 +26,7 @@ from torch import nn
 
 from . import __version__
 from .api import replace_module
-from .formats.bitmap import FORMAT_NAME, FORMAT_VERSION, BitmapFormatError, BitmapTensor, validate
+from .formats.bitmap import FORMAT_NAMES, FORMAT_VERSION, FORMAT_VERSION_V2, BitmapFormatError, BitmapTensor, validate
 from .io_utils import atomic_directory
 from .modules.sparse_lowrank_linear import SparseLowRankLinear, iter_sparse_lowrank
 
@@ -45,7 +48,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def checkpoint_tensors(model: nn.Module, values_dtype: torch.dtype | None = None,
                        adapter_dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The tensors and the per-layer metadata that `save_compressed` writes."""
+    """The tensors and the per-layer metadata that `save_compressed` writes (`values_dtype`: float bases only)."""
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, Any] = {}
     skip: set[str] = set()
@@ -55,6 +58,8 @@ def checkpoint_tensors(model: nn.Module, values_dtype: torch.dtype | None = None
         tensors[f"{name}.weight.values"] = bitmap.values
         tensors[f"{name}.weight.row_offsets"] = bitmap.row_offsets
         tensors[f"{name}.weight.shape"] = torch.tensor(bitmap.shape, dtype=torch.int64)
+        if bitmap.is_quantized:
+            tensors[f"{name}.weight.scales"] = bitmap.scales
         if module.bias is not None:
             tensors[f"{name}.bias"] = module.bias.detach()
         adapters = []  # a list: the concatenation order of A_cat/B_cat must survive sort_keys
@@ -65,6 +70,8 @@ def checkpoint_tensors(model: nn.Module, values_dtype: torch.dtype | None = None
             adapters.append({"name": adapter, "rank": int(a.shape[0]), "scaling": module.salr_scaling[adapter],
                              "trainable": bool(a.requires_grad)})
         layers[name] = {"shape": list(bitmap.shape), "density": bitmap.density, "adapters": adapters}
+        if bitmap.is_quantized:
+            layers[name].update(bits=bitmap.bits, group_size=bitmap.group_size)
         skip.update(f"{name}.{p}" for p, _ in module.named_parameters())
         skip.update(f"{name}.{b}" for b, _ in module.named_buffers())
     tied: dict[str, str] = {}
@@ -87,7 +94,8 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike, tokenizer=No
 
     Args:
         model: a model holding `SparseLowRankLinear` layers (from `compress_` or `load_compressed`).
-        values_dtype: dtype of the stored non-zeros (default: the weights' dtype; float16 halves them).
+        values_dtype: dtype of the stored float non-zeros (default: the weights' dtype; float16 halves
+            them); quantized layers keep their integers and scales.
         adapter_dtype: dtype of the stored adapters (default: theirs).
 
     Returns:
@@ -101,21 +109,25 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike, tokenizer=No
         raise ValueError("adapters are merged into the base weights; call unmerge() before saving")
     tensors, meta = checkpoint_tensors(model, values_dtype, adapter_dtype)
     metadata = getattr(model, "salr_metadata", {"method": "salr", "config": None})
+    quantized = any("bits" in layer for layer in meta["layers"].values())
+    version = FORMAT_VERSION_V2 if quantized else FORMAT_VERSION
+    float_values = [tensors[f"{n}.weight.values"] for n, layer in meta["layers"].items() if "bits" not in layer]
     salr_config = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format": FORMAT_NAMES[version],
+        "format_version": version,
         "library_version": __version__,
         "method": metadata.get("method", "salr"),
         "config": metadata.get("config"),
         "bit_order": "little",
-        "values_dtype": _dtype_name(next(v for k, v in tensors.items() if k.endswith(".weight.values")).dtype),
+        # dtype of the float (version-1) values; None when every layer is quantized
+        "values_dtype": _dtype_name(float_values[0].dtype) if float_values else None,
         "torch_dtype": _dtype_name(next(model.parameters()).dtype),
         **meta,
     }
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
         model.config.save_pretrained(tmp)
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "salr_format": FORMAT_NAME})
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "salr_format": FORMAT_NAMES[version]})
         (tmp / SALR_CONFIG_NAME).write_text(json.dumps(salr_config, sort_keys=True, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -131,17 +143,20 @@ def read_salr_config(directory: str | os.PathLike) -> dict[str, Any]:
     path = directory / SALR_CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a salr-edge checkpoint (no {SALR_CONFIG_NAME})")
-    return read_versioned_json(path, FORMAT_NAME, FORMAT_VERSION)
+    return read_versioned_json(path, tuple(FORMAT_NAMES.values()), FORMAT_VERSION_V2)
 
 
-def read_versioned_json(path: Path, format_name: str, max_version: int) -> dict[str, Any]:
-    """Parse a metadata JSON file and check its `format` name and that its `format_version` is not newer."""
+def read_versioned_json(path: Path, format_name: str | tuple[str, ...], max_version: int) -> dict[str, Any]:
+    """Parse a metadata JSON file and check its `format` name (or one of several) and that its
+    `format_version` is not newer than `max_version`."""
     try:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path} is corrupt: {exc}") from exc
-    if cfg.get("format") != format_name:
-        raise CheckpointError(f"{path}: format {cfg.get('format')!r} is not {format_name!r}")
+    names = (format_name,) if isinstance(format_name, str) else format_name
+    if cfg.get("format") not in names:
+        expected = " or ".join(repr(n) for n in names)
+        raise CheckpointError(f"{path}: format {cfg.get('format')!r} is not {expected}")
     version = cfg.get("format_version")
     if not isinstance(version, int) or version > max_version:
         raise CheckpointError(f"{path}: format version {version} is newer than this library supports "
@@ -197,9 +212,15 @@ def load_compressed(directory: str | os.PathLike, dtype: torch.dtype | None = No
         except AttributeError as exc:
             raise CheckpointError(f"checkpoint layer {name!r} does not exist in a {hf_config.model_type} model") from exc
         shape = tuple(int(s) for s in _take(tensors, f"{name}.weight.shape", directory).tolist())
+        bits = layer.get("bits")
+        if bits is not None and salr_config["format_version"] < FORMAT_VERSION_V2:
+            raise CheckpointError(f"checkpoint layer {name!r} has quantized values (bits={bits}) but the checkpoint "
+                                  f"says format version {salr_config['format_version']}, which has none")
+        scales = _take(tensors, f"{name}.weight.scales", directory) if bits is not None else None
         bitmap = BitmapTensor(_take(tensors, f"{name}.weight.bitmap", directory),
                               _take(tensors, f"{name}.weight.values", directory),
-                              _take(tensors, f"{name}.weight.row_offsets", directory), shape)
+                              _take(tensors, f"{name}.weight.row_offsets", directory), shape,
+                              scales, bits, layer.get("group_size") if bits is not None else None)
         try:
             validate(bitmap)
         except BitmapFormatError as exc:

@@ -10,6 +10,9 @@ from typing import Any, ClassVar, Union
 
 PRUNING_METHODS = ("magnitude", "wanda")
 SVD_METHODS = ("full", "randomized")
+# How the kept base values are stored, and the bits of each integer kind (bitmap format version 2).
+VALUE_FORMATS = ("float", "int8", "int4")
+VALUE_BITS: dict[str, int | None] = {"float": None, "int8": 8, "int4": 4}
 _NM_RE = re.compile(r"^(\d+):(\d+)$")
 
 TargetSpec = Union[str, list[str], None]
@@ -87,6 +90,11 @@ class SALRConfig(_ConfigMixin):
         svd_method: "full" (exact) or "randomized" (`torch.svd_lowrank`, for big matrices).
         svd_niter: power iterations of the randomized SVD.
         train_residual: whether the SVD residual adapter is fine-tuned with LoRA or stays frozen.
+        values: how the kept base values are stored: "float" (bitmap format v1), or "int8"/"int4"
+            (v2: symmetric integers with one float16 scale per `group_size` values). Quantized values are
+            quantized right after pruning and the SVD residual adapter is built from W − Q(prune(W)), so it
+            absorbs the pruning and the quantization error together.
+        group_size: kept values per scale (>= 1; only used with integer values).
     """
 
     sparsity: float = 0.5
@@ -100,9 +108,16 @@ class SALRConfig(_ConfigMixin):
     svd_method: str = "full"
     svd_niter: int = 4
     train_residual: bool = True
+    values: str = "float"
+    group_size: int = 32
     version: int = 1
 
     VERSION: ClassVar[int] = 1
+
+    @property
+    def bits(self) -> int | None:
+        """Bits of the stored base values (8 or 4), None for float values."""
+        return VALUE_BITS[self.values]
 
     def __post_init__(self) -> None:
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
@@ -119,6 +134,10 @@ class SALRConfig(_ConfigMixin):
             raise ValueError(f"pruning must be one of {PRUNING_METHODS}, got {self.pruning!r}")
         if self.svd_method not in SVD_METHODS:
             raise ValueError(f"svd_method must be one of {SVD_METHODS}, got {self.svd_method!r}")
+        if self.values not in VALUE_FORMATS:
+            raise ValueError(f"values must be one of {VALUE_FORMATS}, got {self.values!r}")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError(f"group_size must be an integer >= 1, got {self.group_size!r}")
         kind, n, m = parse_granularity(self.granularity)
         if kind == "nm" and abs(self.sparsity - (1 - n / m)) > 1e-9:
             raise ValueError(f"granularity {self.granularity} fixes sparsity at {1 - n / m}, got sparsity={self.sparsity}")

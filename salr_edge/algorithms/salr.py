@@ -24,7 +24,12 @@ LORA_ADAPTER = "lora"
 
 
 def compress_linear(linear: nn.Linear, config: SALRConfig, input_norms: torch.Tensor | None = None) -> SparseLowRankLinear:
-    """Prune one layer and attach its adapters (pure function of the layer; no model needed)."""
+    """Prune one layer, quantize the kept values if asked, and attach its adapters (no model needed).
+
+    The SVD residual adapter approximates W − base, where base is what the module computes with:
+    prune(W), or dequant(Q(prune(W))) for integer values, so the adapter absorbs the quantization error
+    together with the pruning error.
+    """
     weight = linear.weight.detach()
     n, k = weight.shape
     for field in ("rank", "lora_rank"):
@@ -35,9 +40,12 @@ def compress_linear(linear: nn.Linear, config: SALRConfig, input_norms: torch.Te
         raise ValueError("pruning='wanda' needs the layer's input feature norms (calibration data)")
     scores = wanda_scores(weight, input_norms) if config.pruning == "wanda" else magnitude_scores(weight)
     mask = select_mask(scores, config.sparsity, config.granularity)
-    residual = (weight.float() * ~mask) if config.rank else None  # what pruning removed
+    dense = weight.float().clone() if config.rank else None  # the module masks `weight` in place
     module = SparseLowRankLinear(linear, mask)
+    if config.bits is not None:
+        module.quantize_base_(config.bits, config.group_size)
     if config.rank:
+        residual = dense.sub_(module.sparse_weight().float())  # what pruning (and quantization) removed
         a, b = truncated_svd(residual, config.rank, config.svd_method, config.svd_niter)
         module.add_adapter(RESIDUAL_ADAPTER, a, b, scaling=1.0, trainable=config.train_residual)
     if config.lora_rank:
@@ -66,6 +74,6 @@ def compress_salr_(model: nn.Module, config: SALRConfig, calib_data: Iterable[to
         module = compress_linear(model.get_submodule(name), config, norms.get(name))
         replace_module(model, name, module)
     model.salr_metadata = {"method": "salr", "config": config.to_dict()}
-    logger.info("SALR compressed %d layers (sparsity %.2f, rank %d, lora_rank %d)",
-                len(names), config.sparsity, config.rank, config.lora_rank)
+    logger.info("SALR compressed %d layers (sparsity %.2f, rank %d, lora_rank %d, values %s)",
+                len(names), config.sparsity, config.rank, config.lora_rank, config.values)
     return model

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..formats.bitmap import BitmapTensor, bitmap_decode, bitmap_encode, bitmap_mask
+from ..formats.bitmap import BitmapTensor, bitmap_decode, bitmap_encode, bitmap_mask, mask_row_offsets, pack_mask
+from ..formats.quantize import dequantize_values, quantize_values
 
 
 class SparseLowRankLinear(nn.Module):
@@ -18,6 +19,11 @@ class SparseLowRankLinear(nn.Module):
     adapter a (the SVD residual, LoRA, ...) is a pair A_a [r_a, K], B_a [N, r_a] with a scaling s_a.
     The forward concatenates all adapters into one A_cat [R, K] / B_cat [N, R] pair, so the adapter
     path is two GEMMs whatever the number of adapters: the contract of the ONNX `SALRLinear` op.
+
+    The base may be quantized (`quantize_base_`, or `from_bitmap` of a version-2 tensor): the module then
+    keeps the stored integers (`salr_qvalues`: int8 or packed int4) and float16 group scales
+    (`salr_qscales`) as buffers, and its base weight is exactly their dequantization, so the PyTorch
+    forward computes what the `SALRLinearQ` kernel computes (up to the rounding of activations).
 
     Args:
         base_layer: the layer to wrap; its weight is masked in place and frozen.
@@ -42,6 +48,11 @@ class SparseLowRankLinear(nn.Module):
         self.salr_B = nn.ParameterDict()
         self.salr_scaling: dict[str, float] = {}
         self.merged = False
+        # quantized base (format version 2); None while the base holds float values
+        self.register_buffer("salr_qvalues", None)  # (nnz,) int8 | (ceil(nnz/2),) uint8
+        self.register_buffer("salr_qscales", None)  # (ceil(nnz/group_size),) float16
+        self.salr_bits: int | None = None
+        self.salr_group_size: int | None = None
 
     # ---- shape -----------------------------------------------------------------------------------
     @property
@@ -60,6 +71,20 @@ class SparseLowRankLinear(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.salr_bits is not None
+
+    @property
+    def bits(self) -> int | None:
+        """Bits of the stored base values (4 or 8), None for float values."""
+        return self.salr_bits
+
+    @property
+    def group_size(self) -> int | None:
+        """Values per float16 scale of a quantized base, None for float values."""
+        return self.salr_group_size
 
     @property
     def adapter_names(self) -> list[str]:
@@ -139,40 +164,116 @@ class SparseLowRankLinear(nn.Module):
         self.merged = True
 
     def unmerge(self) -> None:
-        """Undo `merge`: the base weight is exactly sparse again."""
+        """Undo `merge`: the base weight is exactly sparse again (and exactly the dequantized one, if quantized)."""
         if not self.merged:
             return
         with torch.no_grad():
-            self.base_layer.weight.sub_(self.get_delta_weight()).mul_(self.salr_mask)
+            if self.is_quantized:
+                self.base_layer.weight.copy_(self.dequantized_weight())
+            else:
+                self.base_layer.weight.sub_(self.get_delta_weight()).mul_(self.salr_mask)
         self.merged = False
 
     # ---- sparse base -----------------------------------------------------------------------------
-    def sparse_weight(self) -> torch.Tensor:
-        """The exactly sparse base weight [N, K] (without the adapters)."""
+    def _check_unmerged(self) -> None:
         if self.merged:
             raise RuntimeError("the adapters are merged into the base; call unmerge() first")
+
+    def sparse_weight(self) -> torch.Tensor:
+        """The exactly sparse base weight [N, K] (without the adapters)."""
+        self._check_unmerged()
         return self.base_layer.weight.detach()
 
     def to_bitmap(self, values_dtype: torch.dtype | None = None) -> BitmapTensor:
-        """The base in the bitmap format (kept entries that happen to be 0 are stored explicitly)."""
-        return bitmap_encode(self.sparse_weight(), self.salr_mask, values_dtype)
+        """The base in the bitmap format (kept entries that happen to be 0 are stored explicitly).
+
+        A quantized base gives its version-2 tensor: the stored integers and scales as they are (never
+        quantized again), and `values_dtype`, which applies to float values only, is not used.
+        """
+        if not self.is_quantized:
+            return bitmap_encode(self.sparse_weight(), self.salr_mask, values_dtype)
+        self._check_unmerged()
+        mask = self.salr_mask.cpu()
+        return BitmapTensor(pack_mask(mask), self.salr_qvalues.cpu(), mask_row_offsets(mask),
+                            (self.out_features, self.in_features), self.salr_qscales.cpu(), self.salr_bits,
+                            self.salr_group_size)
+
+    # ---- quantized base --------------------------------------------------------------------------
+    def quantize_base_(self, bits: int, group_size: int) -> "SparseLowRankLinear":
+        """Modifies the module in place: quantize the kept base values (`quantize_values`), base weight := Q⁻¹(Q(W)).
+
+        Args:
+            bits: 4 or 8.
+            group_size: kept values per float16 scale, in storage order (row by row).
+
+        Returns:
+            The module.
+
+        Raises:
+            RuntimeError: the adapters are merged.
+            ValueError: the base is already quantized (a second rounding would compound the error), or
+                bad `bits`/`group_size`.
+        """
+        if self.is_quantized:
+            raise ValueError(f"the base is already quantized (int{self.salr_bits}, group_size {self.salr_group_size})")
+        kept = self.sparse_weight()[self.salr_mask]  # (nnz,) row by row, columns ascending
+        stored, scales = quantize_values(kept.float(), bits, group_size)
+        self._store_quantized(stored, scales, bits, group_size)
+        with torch.no_grad():
+            self.base_layer.weight.copy_(self.dequantized_weight())
+        return self
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The dense [N, K] base rebuilt from the stored integers and scales, in the weight's dtype."""
+        if not self.is_quantized:
+            raise RuntimeError("the base holds float values; quantize_base_() first")
+        weight = self.base_layer.weight
+        nnz = int(self.salr_mask.sum())
+        values = dequantize_values(self.salr_qvalues, self.salr_qscales, self.salr_bits, self.salr_group_size,
+                                   nnz)  # (nnz,) float32, exact
+        dense = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        dense[self.salr_mask] = values.to(weight.device)
+        return dense.to(weight.dtype)
+
+    def _store_quantized(self, values: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> None:
+        device = self.base_layer.weight.device
+        self.salr_qvalues = values.detach().to(device).clone()
+        self.salr_qscales = scales.detach().to(device, torch.float16).clone()
+        self.salr_bits, self.salr_group_size = int(bits), int(group_size)
+
+    def _apply(self, fn, recurse: bool = True):
+        # Float casts of the model (.half(), .to(torch.bfloat16)) move the scales but must not round them:
+        # they are stored format data, and the base weight is defined by their float16 values.
+        scales = self.salr_qscales
+        super()._apply(fn, recurse)
+        if scales is not None and self.salr_qscales.dtype != torch.float16:
+            self.salr_qscales = scales.to(self.salr_qscales.device)
+        return self
 
     def extra_repr(self) -> str:
         density = float(self.salr_mask.float().mean()) if self.salr_mask.numel() else 0.0
         ranks = {n: a.shape[0] for n, a in self.salr_A.items()}
-        return f"in_features={self.in_features}, out_features={self.out_features}, density={density:.3f}, adapters={ranks}"
+        values = f"int{self.salr_bits}/g{self.salr_group_size}" if self.is_quantized else "float"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, density={density:.3f}, "
+                f"values={values}, adapters={ranks}")
 
     @classmethod
     def from_bitmap(cls, bitmap: BitmapTensor, bias: torch.Tensor | None = None,
                     dtype: torch.dtype = torch.float32) -> "SparseLowRankLinear":
-        """Rebuild a module (no adapters yet) from a bitmap base and an optional bias."""
+        """Rebuild a module (no adapters yet) from a bitmap base (version 1 or 2) and an optional bias.
+
+        A version-2 base keeps its stored integers and scales; the weight is their dequantization.
+        """
         n, k = bitmap.shape
         linear = nn.Linear(k, n, bias=bias is not None, dtype=dtype, device="meta").to_empty(device="cpu")
         with torch.no_grad():
             linear.weight.copy_(bitmap_decode(bitmap, dtype))
             if bias is not None:
                 linear.bias.copy_(bias)
-        return cls(linear, bitmap_mask(bitmap))
+        module = cls(linear, bitmap_mask(bitmap))
+        if bitmap.is_quantized:
+            module._store_quantized(bitmap.values, bitmap.scales, bitmap.bits, bitmap.group_size)
+        return module
 
 
 def iter_sparse_lowrank(model: nn.Module):

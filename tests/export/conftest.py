@@ -57,12 +57,16 @@ def tiny_config(arch: str):
     raise ValueError(arch)
 
 
-def make_tiny_model(arch: str, compress: bool = True):
+def make_tiny_model(arch: str, compress: bool = True, **salr_options):
     """A tiny random causal LM, SALR-compressed with non-zero LoRA B (rule 13) unless `compress` is False.
 
     The kept base weights are rounded to fp16 so the default fp16 `values` store them exactly: the
     exported model then computes the very function of the PyTorch model and fp32 logits can be
-    compared at 1e-4.
+    compared at 1e-4. Quantized bases (`salr_options` such as values="int4") are left as they are: their
+    weights are already exactly what the exported integers and scales decode to.
+
+    Args:
+        salr_options: more `SALRConfig` fields (values, group_size, granularity, ...).
     """
     from transformers import AutoModelForCausalLM
 
@@ -77,13 +81,14 @@ def make_tiny_model(arch: str, compress: bool = True):
     model.generation_config.pad_token_id = 0
     if not compress:
         return model
-    compress_(model, SALRConfig(sparsity=0.5, rank=4, lora_rank=4), show_progress=False)
+    compress_(model, SALRConfig(sparsity=0.5, rank=4, lora_rank=4, **salr_options), show_progress=False)
     with torch.no_grad():
         for _, module in iter_sparse_lowrank(model):
             module.salr_B["lora"].normal_(0, 0.05)
             if module.bias is not None:  # transformers initialises biases to 0, which hides a wrong bias
                 module.bias.normal_(0, 0.1)
-            module.base_layer.weight.copy_(module.base_layer.weight.half().float())
+            if not module.is_quantized:
+                module.base_layer.weight.copy_(module.base_layer.weight.half().float())
     return model
 
 

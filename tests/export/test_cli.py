@@ -35,6 +35,7 @@ def tiny_dirs(tmp_path_factory):
     model.save_pretrained(root / "llama")
     tokenizer.save_pretrained(root / "llama")
     save_compressed(make_tiny_model("llama"), root / "ckpt", tokenizer=tokenizer)
+    save_compressed(make_tiny_model("llama", values="int8", group_size=16), root / "qckpt", tokenizer=tokenizer)
     model = make_tiny_model("llama", compress=False)
     tokens = torch.randint(0, VOCAB, (2048,), generator=torch.Generator().manual_seed(1))
     _, trainer = train_salaad(model, tokens, SALAADConfig(target_rank_ratio=0.3, target_density=0.3, admm_every=2),
@@ -66,6 +67,34 @@ def test_fresh_salr_export_from_a_model_folder(tiny_dirs, tmp_path, capsys):
     model, _ = load_model(tiny_dirs / "llama")
     compress_(model, SALRConfig(sparsity=0.5, rank=4, lora_rank=0), show_progress=False)
     assert_matches_pytorch(make_session(out), model)
+
+
+def test_fresh_int4_export_compresses_error_aware_into_salr_linear_q(tiny_dirs, tmp_path, capsys, no_library):
+    from salr_edge.api import compress_
+    from salr_edge.config import SALRConfig
+    from salr_edge.models import load_model
+
+    out = tmp_path / "model.onnx"
+    captured = _run_ok([str(out), "--model", str(tiny_dirs / "llama"), "--rank", "4", "--granularity", "2:4",
+                        "--values", "int4", "--group-size", "16", "--no-genai-config"], capsys)
+    assert "14 SALRLinearQ nodes" in captured.out
+    # The same compression in PyTorch computes what the function bodies compute.
+    model, _ = load_model(tiny_dirs / "llama")
+    compress_(model, SALRConfig(sparsity=0.5, rank=4, lora_rank=0, granularity="2:4", values="int4", group_size=16),
+              show_progress=False)
+    assert_matches_pytorch(make_session(out, use_library=False), model)
+
+
+def test_quantized_checkpoint_exports_as_stored(tiny_dirs, tmp_path, capsys, no_library):
+    from salr_edge.checkpoint import load_compressed
+
+    out = tmp_path / "q.onnx"
+    captured = _run_ok([str(out), "--checkpoint", str(tiny_dirs / "qckpt"), "--no-genai-config"], capsys)
+    assert "14 SALRLinearQ nodes" in captured.out
+    graph = onnx.load(str(out), load_external_data=False).graph
+    attrs = {a.name: a.i for a in next(n for n in graph.node if n.op_type == "SALRLinearQ").attribute}
+    assert attrs["bits"] == 8 and attrs["group_size"] == 16
+    assert_matches_pytorch(make_session(out, use_library=False), load_compressed(tiny_dirs / "qckpt"))
 
 
 def test_dense_export_is_the_uncompressed_model(tiny_dirs, tmp_path, capsys):
@@ -156,7 +185,7 @@ def test_newer_format_version(tiny_dirs, tmp_path, capsys):
     (ckpt / "salr_config.json").write_text(json.dumps(meta))
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    _expect_error([str(out_dir / "m.onnx"), "--checkpoint", str(ckpt)], capsys, out_dir, "version 99", "version 1")
+    _expect_error([str(out_dir / "m.onnx"), "--checkpoint", str(ckpt)], capsys, out_dir, "version 99", "version 2")
 
 
 def test_output_in_a_missing_folder(tiny_dirs, tmp_path, capsys):
@@ -208,6 +237,29 @@ def test_malformed_budget_is_refused(tiny_dirs, tmp_path, capsys):
 def test_fp16_with_fp32_values_is_refused(tiny_dirs, tmp_path, capsys):
     _expect_error([str(tmp_path / "m.onnx"), "--dtype", "fp16", "--values-dtype", "fp32"], capsys, tmp_path,
                   "needs dtype='fp32'")
+
+
+def test_unknown_values_kind_is_an_argparse_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([str(tmp_path / "m.onnx"), "--values", "int5"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "invalid choice: 'int5'" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_group_size_zero_is_refused(tmp_path, capsys):
+    _expect_error([str(tmp_path / "m.onnx"), "--values", "int4", "--group-size", "0"], capsys, tmp_path,
+                  "group_size must be None or an integer >= 1, got 0")
+
+
+def test_group_size_without_integer_values_is_refused(tmp_path, capsys):
+    _expect_error([str(tmp_path / "m.onnx"), "--group-size", "16"], capsys, tmp_path,
+                  "group_size applies only with values 'int8' or 'int4'")
+
+
+def test_quantized_values_with_the_dense_method_are_refused(tmp_path, capsys):
+    _expect_error([str(tmp_path / "m.onnx"), "--method", "dense", "--values", "int4"], capsys, tmp_path,
+                  "needs method 'salr'", "no quantized path")
 
 
 def test_entry_point_is_declared():

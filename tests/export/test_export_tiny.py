@@ -239,6 +239,11 @@ def test_a_failing_export_leaves_no_file_and_restores_the_model(tmp_path, monkey
     (dict(opset=17), "opset must be >= 18"),
     (dict(adapter_dtype="int8"), "adapter_dtype must be None or one of"),
     (dict(version=2), "version 2 is not supported"),
+    (dict(values="int5"), "values must be None \\(as stored\\) or one of"),
+    (dict(values="int4", group_size=0), "group_size must be None or an integer >= 1, got 0"),
+    (dict(method="dense", values="int4"), "needs method 'salr': method 'dense' has no quantized path"),
+    (dict(group_size=32), "group_size applies only with values 'int8' or 'int4'"),
+    (dict(values="float", group_size=32), "group_size applies only with values 'int8' or 'int4'"),
 ])
 def test_export_config_validates(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -248,3 +253,5 @@ def test_export_config_validates(kwargs, match):
 def test_export_config_round_trips_through_json():
     config = ExportConfig(method="dense", dtype="fp16", opset=19, function_fallback=False)
     assert ExportConfig.from_json(config.to_json()) == config
+    quantized = ExportConfig(values="int4", group_size=64)
+    assert ExportConfig.from_json(quantized.to_json()) == quantized

@@ -30,8 +30,10 @@ def test_constants_match_the_cpp_header():
     consts.update(re.findall(r"inline constexpr int (k\w+) = (\d+);", text))
     assert consts["kDomain"] == ops_schema.SALR_DOMAIN == "com.salr"
     assert int(consts["kOpsetVersion"]) == ops_schema.SALR_OPSET_VERSION
-    assert (consts["kBitmapDecodeOp"], consts["kFusedAdapterGemmOp"], consts["kSALRLinearOp"]) == ops_schema.OP_TYPES
+    assert (consts["kBitmapDecodeOp"], consts["kFusedAdapterGemmOp"], consts["kSALRLinearOp"],
+            consts["kSALRLinearQOp"]) == ops_schema.OP_TYPES
     assert consts["kInFeaturesAttr"] == ops_schema.IN_FEATURES_ATTR
+    assert (consts["kBitsAttr"], consts["kGroupSizeAttr"]) == (ops_schema.BITS_ATTR, ops_schema.GROUP_SIZE_ATTR)
     assert ops_schema.SALR_DOMAIN == reference.SALR_DOMAIN
 
 
@@ -46,9 +48,32 @@ def test_register_schemas_is_idempotent():
     assert linear.inputs[-1].option == onnx.defs.OpSchema.FormalParameterOption.Optional
 
 
+def test_quantized_linear_schema_takes_scales_and_bits_and_group_size():
+    ops_schema.register_schemas()
+    schema = onnx.defs.get_schema(ops_schema.SALR_LINEAR_Q, 1, ops_schema.SALR_DOMAIN)
+    assert [p.name for p in schema.inputs] == ["X", "bitmap", "values", "row_offsets", "scales", "A_cat", "B_cat",
+                                               "bias"]
+    assert schema.inputs[-1].option == onnx.defs.OpSchema.FormalParameterOption.Optional
+    assert set(schema.attributes) == {"in_features", "bits", "group_size"}
+    assert all(a.required for a in schema.attributes.values())
+    values_types = next(c for c in schema.type_constraints if c.type_param_str == "Q").allowed_type_strs
+    assert sorted(values_types) == ["tensor(int8)", "tensor(uint8)"]
+
+
+def _all_nodes(nodes):
+    """`nodes` and the nodes of their subgraphs (If branches), recursively."""
+    for node in nodes:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attr.g.node)
+
+
 def test_function_bodies_use_only_standard_ops_and_the_requested_opset():
-    for function in ops_schema.function_protos(19):
-        assert {node.domain for node in function.node} == {""}
+    functions = ops_schema.function_protos(19)
+    assert [f.name for f in functions] == list(ops_schema.OP_TYPES)
+    for function in functions:
+        assert {node.domain for node in _all_nodes(function.node)} == {""}
         assert [(o.domain, o.version) for o in function.opset_import] == [("", 19)]
     with pytest.raises(ValueError, match=">= 18"):
         ops_schema.function_protos(17)
@@ -120,6 +145,60 @@ def test_salr_linear_body_matches_reference(n, k, r, bias, xdt, vdt, lead, densi
     y_onnx_ref = ReferenceEvaluator(model).run(None, {"X": x})[0]
     tol = TOLERANCES[np.dtype(xdt)]
     for got in (y, y_onnx_ref):
+        assert got.dtype == xdt and got.shape == (*lead, n)
+        np.testing.assert_allclose(got.astype(np.float64), ref.astype(np.float64), atol=tol, rtol=0)
+
+
+LINEAR_Q_CASES = [  # (N, K, R, bias, x dtype, bits, group_size, leading dims, density)
+    (5, 13, 3, True, np.float32, 4, 4, (2, 3), 0.5),     # K % 8 != 0, groups spanning rows
+    (7, 16, 0, False, np.float32, 8, 32, (2, 3), 0.5),   # R = 0, no bias, one group wider than a row
+    (9, 11, 2, True, np.float32, 4, 1, (1, 4), 0.6),     # a scale per value; nnz = 55: an unused high nibble
+    (8, 9, 2, False, np.float16, 4, 8, (1, 4), 0.5),     # fp16 activations
+    (6, 24, 2, True, np.float16, 8, 6, (3,), 0.5),       # 2-D input
+    (4, 12, 2, True, np.float32, 4, 32, (1, 2), 0.0),    # nnz = 0: no values, no scales
+]
+
+
+@pytest.mark.parametrize("n,k,r,bias,xdt,bits,group_size,lead,density", LINEAR_Q_CASES)
+def test_salr_linear_q_body_matches_reference(n, k, r, bias, xdt, bits, group_size, lead, density):
+    import torch
+
+    from salr_edge.formats.bitmap import bitmap_encode, quantize_bitmap
+
+    ops_schema.register_schemas()
+    rng = np.random.default_rng(n * 100 + k)
+    w, mask = _weight(rng, n, k, density)
+    t = quantize_bitmap(bitmap_encode(torch.from_numpy(w), torch.from_numpy(mask)), bits, group_size)
+    bitmap, values, offsets, scales = (v.numpy() for v in (t.bitmap, t.values, t.row_offsets, t.scales))
+    a = rng.standard_normal((r, k)).astype(xdt)
+    b = rng.standard_normal((n, r)).astype(xdt)
+    bvec = rng.standard_normal(n).astype(xdt)
+    x = rng.standard_normal((*lead, k)).astype(xdt)
+    inits = [numpy_helper.from_array(v, name) for v, name in
+             ((bitmap, "bitmap"), (values, "values"), (offsets, "row_offsets"), (scales, "scales"), (a, "A_cat"),
+              (b, "B_cat"))]
+    inputs = ["X", "bitmap", "values", "row_offsets", "scales", "A_cat", "B_cat"]
+    if bias:
+        inits.append(numpy_helper.from_array(bvec, "bias"))
+        inputs.append("bias")
+    else:
+        inputs.append("")
+    x_type = TensorProto.FLOAT if xdt == np.float32 else TensorProto.FLOAT16
+    node = helper.make_node(ops_schema.SALR_LINEAR_Q, inputs, ["Y"], domain=ops_schema.SALR_DOMAIN,
+                            in_features=k, bits=bits, group_size=group_size)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", x_type, [None] * len(lead) + [k])],
+                              [helper.make_tensor_value_info("Y", x_type, [None] * (len(lead) + 1))], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20),
+                                                    helper.make_opsetid(ops_schema.SALR_DOMAIN, 1)],
+                              functions=ops_schema.function_protos(20, [ops_schema.SALR_LINEAR_Q]))
+    onnx.checker.check_model(model, full_check=True)
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    assert inferred.graph.output[0].type.tensor_type.shape.dim[-1].dim_value == n
+
+    ref = reference.SALRLinearQ.eval(x, bitmap, values, offsets, scales, a, b, bvec if bias else None,
+                                     in_features=k, bits=bits, group_size=group_size)
+    tol = TOLERANCES[np.dtype(xdt)]
+    for got in (_vanilla(model).run(None, {"X": x})[0], ReferenceEvaluator(model).run(None, {"X": x})[0]):
         assert got.dtype == xdt and got.shape == (*lead, n)
         np.testing.assert_allclose(got.astype(np.float64), ref.astype(np.float64), atol=tol, rtol=0)
 

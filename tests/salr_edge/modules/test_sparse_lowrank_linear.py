@@ -94,3 +94,77 @@ def test_adapter_shape_mismatch_is_rejected():
     m, _, _ = _module()
     with pytest.raises(ValueError, match="expected A"):
         m.add_adapter("bad", torch.randn(2, 20), torch.randn(30, 2))
+
+
+# ---- quantized base -------------------------------------------------------------------------------
+def _quantized(bits=4, group_size=8):
+    m, dense, mask = _module()
+    m.quantize_base_(bits, group_size)
+    return m, dense, mask
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_base_weight_is_exactly_the_dequantized_stored_values(bits):
+    m, _, mask = _quantized(bits)
+    t = m.to_bitmap()
+    assert t.bits == bits and t.group_size == 8
+    assert torch.equal(m.weight, bitmap_decode(t))
+    assert bool((m.weight[~mask] == 0).all())
+
+
+def test_quantized_forward_uses_the_dequantized_base():
+    m, _, _ = _quantized()
+    x = torch.randn(2, 3, 21)
+    expected = x @ (bitmap_decode(m.to_bitmap()) + m.get_delta_weight()).T + m.bias
+    torch.testing.assert_close(m(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_quantized_base_is_close_to_the_float_one():
+    m, dense, mask = _quantized(8, 4)
+    assert float((m.weight - dense * mask).abs().max()) <= float(dense.abs().max()) / 127
+
+
+def test_to_bitmap_returns_the_stored_integers_without_requantizing():
+    m, _, _ = _quantized()
+    stored, scales = m.salr_qvalues.clone(), m.salr_qscales.clone()
+    with torch.no_grad():
+        m.base_layer.weight.mul_(1.01)  # a drifted float weight must not leak into the stored format
+    t = m.to_bitmap(torch.float32)  # values_dtype applies to float bases only
+    assert torch.equal(t.values, stored) and torch.equal(t.scales, scales)
+
+
+def test_quantized_bitmap_round_trip_rebuilds_the_same_layer():
+    m, _, _ = _quantized()
+    t = m.to_bitmap()
+    rebuilt = SparseLowRankLinear.from_bitmap(t, m.bias.detach())
+    assert rebuilt.bits == 4 and rebuilt.group_size == 8
+    assert torch.equal(rebuilt.weight, m.weight)
+    assert torch.equal(rebuilt.salr_qvalues, t.values) and torch.equal(rebuilt.salr_qscales, t.scales)
+
+
+def test_quantizing_twice_is_refused():
+    m, _, _ = _quantized()
+    with pytest.raises(ValueError, match="already quantized \\(int4, group_size 8\\)"):
+        m.quantize_base_(8, 8)
+
+
+def test_unmerge_restores_the_exact_dequantized_base():
+    m, _, _ = _quantized()
+    before = m.weight.clone()
+    m.merge()
+    m.unmerge()
+    assert torch.equal(m.weight, before)
+
+
+def test_float_casts_of_the_model_keep_the_scales_fp16():
+    m, _, _ = _quantized()
+    scales = m.salr_qscales.clone()
+    m.to(torch.bfloat16)
+    assert m.salr_qscales.dtype == torch.float16 and torch.equal(m.salr_qscales, scales)
+    assert m.salr_qvalues.dtype == torch.uint8 and m.weight.dtype == torch.bfloat16
+
+
+def test_quantized_buffers_are_in_the_state_dict():
+    m, _, _ = _quantized()
+    assert {"salr_qvalues", "salr_qscales"} <= set(m.state_dict())
+    assert "salr_qvalues" not in SparseLowRankLinear(nn.Linear(4, 3)).state_dict()
