@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from salr_edge.config import VALUE_BITS, VALUE_FORMATS, _ConfigMixin
+from salr_edge.config import DEFAULT_GROUP_SIZE, VALUE_BITS, VALUE_FORMATS, _ConfigMixin
 from salr_edge.formats.bitmap import BitmapTensor, bitmap_decode, quantize_bitmap
 from salr_edge.io_utils import check_writable_parent
 from salr_edge.modules.sparse_lowrank_linear import SparseLowRankLinear, iter_sparse_lowrank
@@ -58,8 +58,6 @@ LM_HEADS = ("float", "int8")
 # (checked on ORT 1.32). A runtime without opset 23 needs `opset=18`.
 DEFAULT_OPSET = 23
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16}
-# Values per scale of layers quantized at export when ExportConfig.group_size is None (SALRConfig's default).
-DEFAULT_GROUP_SIZE = 32
 
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"

@@ -13,6 +13,7 @@ SVD_METHODS = ("full", "randomized")
 # How the kept base values are stored, and the bits of each integer kind (bitmap format version 2).
 VALUE_FORMATS = ("float", "int8", "int4")
 VALUE_BITS: dict[str, int | None] = {"float": None, "int8": 8, "int4": 4}
+DEFAULT_GROUP_SIZE = 32
 _NM_RE = re.compile(r"^(\d+):(\d+)$")
 
 TargetSpec = Union[str, list[str], None]
@@ -109,7 +110,7 @@ class SALRConfig(_ConfigMixin):
     svd_niter: int = 4
     train_residual: bool = True
     values: str = "float"
-    group_size: int = 32
+    group_size: int = DEFAULT_GROUP_SIZE
     version: int = 1
 
     VERSION: ClassVar[int] = 1
