@@ -8,6 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
+from .config import DEFAULT_GROUP_SIZE, VALUE_FORMATS
+
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
@@ -39,7 +41,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     config = SALRConfig(sparsity=args.sparsity, rank=args.rank, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                         pruning=args.pruning, granularity=args.granularity, svd_method=args.svd,
-                        target_modules=args.target_modules, exclude_modules=args.exclude_modules)
+                        target_modules=args.target_modules, exclude_modules=args.exclude_modules,
+                        values=args.values, group_size=args.group_size)
     check_writable_parent(args.output)
     if config.pruning == "wanda" and not args.calib_data:
         raise ValueError("--pruning wanda needs --calib-data PATH (e.g. ../shared/data/wikitext-2/valid.txt)")
@@ -186,7 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-data", help="text/jsonl file for Wanda calibration")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seq-len", type=int, default=512)
-    p.add_argument("--values-dtype", choices=sorted(_DTYPES), default="fp32", help="dtype of stored non-zeros")
+    p.add_argument("--values-dtype", choices=sorted(_DTYPES), default="fp32",
+                   help="dtype of stored non-zeros when --values is float")
+    p.add_argument("--values", choices=list(VALUE_FORMATS), default="float",
+                   help="int8/int4: quantize the kept values (bitmap format v2); the SVD residual absorbs the error")
+    p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, help="non-zeros per fp16 scale (int8/int4)")
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("finetune", help="train the adapters of a compressed checkpoint (torchrun-ready)")

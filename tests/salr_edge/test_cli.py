@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -44,7 +45,8 @@ def test_every_subcommand_has_help(command):
     assert out.returncode == 0 and "usage: salr " + command in out.stdout
 
 
-def test_end_to_end_compress_finetune_eval_on_a_tiny_model(tmp_path, tiny_llama):
+def _tiny_model_dir(tmp_path, tiny_llama):
+    """A tiny Llama with a word-level tokenizer in tmp_path/m, and a text file of its words."""
     from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -55,7 +57,30 @@ def test_end_to_end_compress_finetune_eval_on_a_tiny_model(tmp_path, tiny_llama)
     fast.save_pretrained(tmp_path / "m")
     text = tmp_path / "t.txt"
     text.write_text(" ".join(f"w{i % 50}" for i in range(3000)))
-    assert main(["compress", "--model", str(tmp_path / "m"), "--output", str(tmp_path / "c"), "--rank", "4",
+    return tmp_path / "m", text
+
+
+def test_compress_with_int4_values_writes_a_v2_checkpoint_that_finetunes(tmp_path, tiny_llama):
+    model_dir, text = _tiny_model_dir(tmp_path, tiny_llama)
+    assert main(["compress", "--model", str(model_dir), "--output", str(tmp_path / "c"), "--rank", "4",
+                 "--lora-rank", "2", "--granularity", "2:4", "--values", "int4", "--group-size", "16"]) == 0
+    saved = json.loads((tmp_path / "c" / "salr_config.json").read_text())
+    assert saved["format"] == "salr-bitmap-v2"
+    assert saved["config"]["values"] == "int4" and saved["config"]["group_size"] == 16
+    assert main(["finetune", "--checkpoint", str(tmp_path / "c"), "--data", str(text), "--output", str(tmp_path / "f"),
+                 "--steps", "2", "--seq-len", "32", "--batch-size", "2"]) == 0
+    assert json.loads((tmp_path / "f" / "salr_config.json").read_text())["format"] == "salr-bitmap-v2"
+
+
+def test_compress_rejects_an_unknown_value_format(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["compress", "--values", "int5", "--output", str(tmp_path / "out")])
+    assert exc.value.code == 2 and "int5" in capsys.readouterr().err
+
+
+def test_end_to_end_compress_finetune_eval_on_a_tiny_model(tmp_path, tiny_llama):
+    model_dir, text = _tiny_model_dir(tmp_path, tiny_llama)
+    assert main(["compress", "--model", str(model_dir), "--output", str(tmp_path / "c"), "--rank", "4",
                  "--lora-rank", "2", "--pruning", "wanda", "--calib-data", str(text), "--calib-seq-len", "32",
                  "--calib-samples", "2"]) == 0
     assert main(["finetune", "--checkpoint", str(tmp_path / "c"), "--data", str(text), "--output", str(tmp_path / "f"),
