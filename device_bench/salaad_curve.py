@@ -178,7 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         record("dense", None, base, {"layer_bytes": dense_bytes})
 
     # ---- SALAAD training (one run) ------------------------------------------------------------------
-    config = SALAADConfig(target_rank_ratio_attn=args.target_rank_ratio_attn,
+    # modules neither attention nor MLP (none in a Llama) take the larger targets
+    config = SALAADConfig(target_rank_ratio=max(args.target_rank_ratio_attn, args.target_rank_ratio_mlp),
+                          target_density=max(args.target_density_attn, args.target_density_mlp),
+                          target_rank_ratio_attn=args.target_rank_ratio_attn,
                           target_rank_ratio_mlp=args.target_rank_ratio_mlp,
                           target_density_attn=args.target_density_attn, target_density_mlp=args.target_density_mlp,
                           admm_every=args.admm_every, rho=args.rho, rho_schedule=args.rho_schedule,
