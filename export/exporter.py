@@ -780,7 +780,7 @@ def export_onnx(model: nn.Module, output_path: str | os.PathLike, config: Export
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     seconds = time.perf_counter() - start
-    logger.info("exported %s (%d SALRLinear nodes) in %.1f s", output_path, num_salr, seconds)
+    logger.info("exported %s (%d SALRLinear/SALRLinearQ nodes) in %.1f s", output_path, num_salr, seconds)
     return ExportResult(model_path=output_path, files=files, num_salr_nodes=num_salr, seconds=seconds)
 
 
