@@ -286,6 +286,17 @@ void dense_nt(const KernelSet& ks, int64_t m, int64_t n, int64_t len, const floa
 
 namespace {
 
+// T = X A^T [m, rank], the adapters' input; small products run on the calling thread (kSerialAdapterMacs).
+std::vector<float> adapter_inputs(const KernelSet& ks, const SparseWeight& w, const AdapterTerms& ad, const float* x,
+                                  int64_t m, int64_t ldx, const Runner& runner) {
+  std::vector<float> t(static_cast<size_t>(m * ad.rank));
+  if (ad.rank > 0) {
+    const bool serial = m * ad.rank * w.cols <= kSerialAdapterMacs;
+    dense_nt(ks, m, ad.rank, w.cols, x, ldx, ad.a, w.cols, t.data(), ad.rank, serial ? serial_runner() : runner);
+  }
+  return t;
+}
+
 void quantized_linear(const KernelSet& ks, const SparseWeight& w, const AdapterTerms& ad, const float* x, int64_t m,
                       int64_t ldx, float* y, const Runner& runner) {
   QuantJob job{};
@@ -303,11 +314,7 @@ void quantized_linear(const KernelSet& ks, const SparseWeight& w, const AdapterT
     sparse_linear(ks, float_rows(w, 0, w.rows, values.data(), offsets.data()), ad, x, m, ldx, y, runner);
     return;
   }
-  std::vector<float> t(static_cast<size_t>(ad.rank));
-  if (ad.rank > 0) {
-    const bool serial = ad.rank * w.cols <= kSerialAdapterMacs;
-    dense_nt(ks, 1, ad.rank, w.cols, x, ldx, ad.a, w.cols, t.data(), ad.rank, serial ? serial_runner() : runner);
-  }
+  const std::vector<float> t = adapter_inputs(ks, w, ad, x, 1, ldx, runner);
   job.t = t.data();
   if (ks.gemv_rows_q24 != nullptr && int_path_applies(w)) {
     std::vector<int8_t> xq(static_cast<size_t>(w.cols));
@@ -342,11 +349,7 @@ void sparse_linear(const KernelSet& ks, const SparseWeight& w, const AdapterTerm
   job.ldx = ldx;
   job.y = y;
   if (m < kLargeM) {
-    std::vector<float> t(static_cast<size_t>(m * ad.rank));
-    if (ad.rank > 0) {
-      const bool serial = m * ad.rank * w.cols <= kSerialAdapterMacs;
-      dense_nt(ks, m, ad.rank, w.cols, x, ldx, ad.a, w.cols, t.data(), ad.rank, serial ? serial_runner() : runner);
-    }
+    const std::vector<float> t = adapter_inputs(ks, w, ad, x, m, ldx, runner);
     job.t = t.data();
     if (m == 1) {
       job.chunk_rows = kGemvChunkRows;
@@ -372,10 +375,8 @@ void sparse_linear(const KernelSet& ks, const SparseWeight& w, const AdapterTerm
   job.chunk_rows = std::min(kLargeChunkRows, std::max<int64_t>(8, ceil_div(n, 8)));
   TransposeJob tx{x, ldx, m, kx, 0, tile_rows, mpad, xt};
   runner(job.mblocks, transpose_task, &tx);
-  std::vector<float> t;
+  const std::vector<float> t = adapter_inputs(ks, w, ad, x, m, ldx, runner);
   if (ad.rank > 0) {
-    t.resize(static_cast<size_t>(m * ad.rank));
-    dense_nt(ks, m, ad.rank, w.cols, x, ldx, ad.a, w.cols, t.data(), ad.rank, runner);
     TransposeJob tt{t.data(), ad.rank, m, ad.rank, kx, tile_rows, mpad, xt};
     runner(job.mblocks, transpose_task, &tt);
   }
