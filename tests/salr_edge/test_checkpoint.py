@@ -17,6 +17,17 @@ def compressed(tiny_llama):
     return tiny_llama
 
 
+def _save_with_edited_tensors(model, directory, edit) -> None:
+    """save_compressed, then rewrite its model.safetensors after `edit(tensors)` changed the dict in place."""
+    from safetensors.torch import load_file, save_file
+
+    save_compressed(model, directory)
+    weights = directory / "model.safetensors"
+    tensors = load_file(str(weights))
+    edit(tensors)
+    save_file(tensors, str(weights))
+
+
 def test_round_trip_gives_identical_logits(compressed, tmp_path):
     ids = torch.randint(0, 128, (2, 10))
     save_compressed(compressed, tmp_path / "ck")
@@ -64,25 +75,19 @@ def test_newer_format_version_is_refused_naming_both(compressed, tmp_path):
 
 
 def test_checkpoint_missing_a_layer_tensor_is_reported(compressed, tmp_path):
-    from safetensors.torch import load_file, save_file
+    def edit(tensors):
+        del tensors["model.layers.1.mlp.up_proj.salr_A.lora"]
 
-    save_compressed(compressed, tmp_path / "ck")
-    weights = tmp_path / "ck" / "model.safetensors"
-    tensors = load_file(str(weights))
-    del tensors["model.layers.1.mlp.up_proj.salr_A.lora"]
-    save_file(tensors, str(weights))
+    _save_with_edited_tensors(compressed, tmp_path / "ck", edit)
     with pytest.raises(CheckpointError, match="missing tensor"):
         load_compressed(tmp_path / "ck")
 
 
 def test_tampered_bitmap_is_reported(compressed, tmp_path):
-    from safetensors.torch import load_file, save_file
+    def edit(tensors):
+        tensors["model.layers.0.self_attn.q_proj.weight.bitmap"][0, 0] ^= 0xFF
 
-    save_compressed(compressed, tmp_path / "ck")
-    weights = tmp_path / "ck" / "model.safetensors"
-    tensors = load_file(str(weights))
-    tensors["model.layers.0.self_attn.q_proj.weight.bitmap"][0, 0] ^= 0xFF
-    save_file(tensors, str(weights))
+    _save_with_edited_tensors(compressed, tmp_path / "ck", edit)
     with pytest.raises(CheckpointError, match="set bits"):
         load_compressed(tmp_path / "ck")
 
@@ -167,26 +172,20 @@ def test_v1_checkpoint_from_before_quantized_values_loads(compressed, tmp_path):
 
 
 def test_quantized_checkpoint_missing_its_scales_is_reported(quantized, tmp_path):
-    from safetensors.torch import load_file, save_file
+    def edit(tensors):
+        del tensors["model.layers.1.self_attn.o_proj.weight.scales"]
 
-    save_compressed(quantized, tmp_path / "ck")
-    weights = tmp_path / "ck" / "model.safetensors"
-    tensors = load_file(str(weights))
-    del tensors["model.layers.1.self_attn.o_proj.weight.scales"]
-    save_file(tensors, str(weights))
+    _save_with_edited_tensors(quantized, tmp_path / "ck", edit)
     with pytest.raises(CheckpointError, match="missing tensor 'model.layers.1.self_attn.o_proj.weight.scales'"):
         load_compressed(tmp_path / "ck")
 
 
 def test_quantized_checkpoint_with_wrong_scales_is_reported(quantized, tmp_path):
-    from safetensors.torch import load_file, save_file
+    def edit(tensors):
+        key = "model.layers.0.mlp.up_proj.weight.scales"
+        tensors[key] = tensors[key].float()
 
-    save_compressed(quantized, tmp_path / "ck")
-    weights = tmp_path / "ck" / "model.safetensors"
-    tensors = load_file(str(weights))
-    key = "model.layers.0.mlp.up_proj.weight.scales"
-    tensors[key] = tensors[key].float()
-    save_file(tensors, str(weights))
+    _save_with_edited_tensors(quantized, tmp_path / "ck", edit)
     with pytest.raises(CheckpointError, match="up_proj.*scales must be float16, got torch.float32"):
         load_compressed(tmp_path / "ck")
 
