@@ -17,7 +17,7 @@ done
 mkdir -p "$out"
 "$cxx" -O2 -std=c++17 -Wall -Wextra -march=armv8.2-a+fp16 -I"$here/include" -I"$here/src/cpu" \
   "$here"/src/cpu/kernels_scalar.cc "$here"/src/cpu/kernels_neon.cc "$here"/src/cpu/kernels_avx2.cc \
-  "$here"/src/cpu/sparse_linear.cc "$here"/src/cpu/format.cc "$here"/tests/kernel_selftest.cc \
+  "$here"/src/cpu/sparse_linear.cc "$here"/src/cpu/format.cc "$here"/src/cpu/q24_layout.cc "$here"/tests/kernel_selftest.cc \
   -o "$out/kernel_selftest"
 # Baseline armv8-a must build too: the library is not allowed to need the fp16 arithmetic extension.
 "$cxx" -O2 -std=c++17 -march=armv8-a -I"$here/include" -I"$here/src/cpu" -c "$here/src/cpu/kernels_neon.cc" \

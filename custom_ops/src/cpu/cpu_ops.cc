@@ -21,6 +21,7 @@
 
 #include "format.h"
 #include "kernels.h"
+#include "q24_layout.h"
 #include "salr_ops.h"
 
 namespace salr {
@@ -167,6 +168,14 @@ class BitmapWeightInput {
     constant_ = true;
   }
 
+  // Builds the batch-1 integer path's packed copy of a constant weight, once (q24_layout.h). It costs as many
+  // bytes again as the bitmap and values, which ORT keeps alive as initializers.
+  void pack_int_path() {
+    if (!constant_ || !int_path_applies(cached_)) return;
+    packed_ = pack_q24(cached_);
+    cached_.q24 = packed_.data();
+  }
+
   SparseWeight get(const Ort::KernelContext& ctx) const {
     Ort::ConstValue t[4];
     for (int i = 0; i < count(); ++i) {
@@ -220,6 +229,7 @@ class BitmapWeightInput {
   bool constant_ = false;
   SparseWeight cached_;
   std::vector<int64_t> cached_shapes_[4];
+  std::vector<uint8_t> packed_;
 };
 
 // A float input (adapter factor, bias) needed in fp32. A constant fp16 initializer is converted once.
@@ -347,6 +357,7 @@ class SALRLinearKernel {
     }
     adapter_index_ = quantized_bits ? 5 : 4;
     weight_.init(info, label_, k_, 1, vtype, q);
+    if (ks_.gemv_rows_q24 != nullptr) weight_.pack_int_path();
     a_.init(info, adapter_index_, x_f16, ks_);
     b_.init(info, adapter_index_ + 1, x_f16, ks_);
     bias_.init(info, adapter_index_ + 2, x_f16, ks_);

@@ -35,7 +35,16 @@ struct SparseWeight {
   int bits = 0;
   const uint16_t* scales = nullptr;  // fp16 [ceil(nnz / group_size)]
   int64_t group_size = 0;
+  // The integer path's packed copy (q24_layout.h), or null: the driver then packs one per call.
+  const uint8_t* q24 = nullptr;
 };
+
+// q of quantized value i (format v2).
+inline int quantized_at(const SparseWeight& w, int64_t i) {
+  if (w.bits == 8) return static_cast<const int8_t*>(w.values)[i];
+  const uint8_t byte = static_cast<const uint8_t*>(w.values)[i >> 1];
+  return static_cast<int>((i & 1) ? (byte >> 4) : (byte & 0x0f)) - 8;
+}
 
 // Whether the batch-1 integer path applies to a quantized weight: 2:4 rows of whole 64-column steps,
 // groups of whole steps that never span rows (each row holds K/2 values).
@@ -80,9 +89,9 @@ struct KernelSet {
   void (*f32_to_f16)(const float* src, uint16_t* dst, int64_t n);
   // Quantized weights: fp32 values [v0, v1) (v1 - v0 of them) of w, dequantized.
   void (*dequant)(const SparseWeight& w, int64_t v0, int64_t v1, float* out);
-  // Batch-1 integer path (int_path_applies(w)): y[n - n0] = W[n, :] . x for n in [n0, n1), with x given as
-  // int8 xq [K] and one fp32 scale per 32-column block, xs [K / 32]. Null: the set has none (float path).
-  void (*gemv_rows_q24)(const SparseWeight& w, const int8_t* xq, const float* xs, float* y, int64_t n0, int64_t n1);
+  // Batch-1 integer path (int_path_applies(w), w.q24 set): y[n - n0] = W[n, :] . x for n in [n0, n1), with x
+  // prepared by prepare_q24_activations (q24_layout.h): xp [K], xs8 [K / 8]. Null: the set has none.
+  void (*gemv_rows_q24)(const SparseWeight& w, const int8_t* xp, const float* xs8, float* y, int64_t n0, int64_t n1);
 };
 
 const KernelSet& scalar_kernels();

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "q24_layout.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,popcnt,bmi,bmi2")
@@ -513,12 +514,6 @@ void axpy_block(const int32_t* idx, const float* val, int64_t cnt, const float* 
 
 // ---- quantized values (bitmap format v2) ---------------------------------------------------------------
 
-inline int quantized_at(const SparseWeight& w, int64_t i) {
-  if (w.bits == 8) return static_cast<const int8_t*>(w.values)[i];
-  const uint8_t byte = static_cast<const uint8_t*>(w.values)[i >> 1];
-  return static_cast<int>((i & 1) ? (byte >> 4) : (byte & 0x0f)) - 8;
-}
-
 // 8 packed nibbles (4 bytes at p, low nibble first) -> 8 int32 lanes q = nibble - 8.
 inline __m256i unpack8_int4(const uint8_t* p) {
   uint32_t four;
@@ -551,137 +546,103 @@ void dequant(const SparseWeight& w, int64_t v0, int64_t v1, float* out) {
   }
 }
 
-// The integer path keeps the int8 activations of each 64-column step in the order [0-15, 32-47, 16-31, 48-63]
-// (xp below), so that one ymm holds columns 0-15 | 32-47 and the next 16-31 | 48-63. The kept columns of a
-// 2:4 row are then gathered by one in-lane byte shuffle of each (the same control) and a blend, and come out
-// in value order: lane 0 = values 0-15 (columns 0-31), lane 1 = values 16-31 (columns 32-63).
-//
-// The control for two rows at once (row A in lane 0, row B in lane 1): the 16 nibbles of a row's 8 bitmap
-// bytes (one per group of 4 columns) index two 16-entry tables giving the positions of the group's first
-// and second kept column; adding the group's offset inside its 16-column segment and interleaving gives
-// the byte indices q0 (columns 0-15), q1 (16-31), q2 (32-47), q3 (48-63) as lo = [q0, q1], hi = [q2, q3].
-// A row's control is [q0, q1 | q2, q3]: q0 picks from columns 0-15 (low half of lane 0 after the blend),
-// q1 from 16-31 (high half), q2 from 32-47 and q3 from 48-63 in lane 1.
-inline void gather_controls(const uint8_t* bm_a, const uint8_t* bm_b, __m256i* ctl_a, __m256i* ctl_b) {
-  const __m256i first = _mm256_setr_epi8(0, 0, 1, 0, 2, 0, 1, 0, 3, 0, 1, 0, 2, 0, 1, 0,  // lowest set bit
-                                         0, 0, 1, 0, 2, 0, 1, 0, 3, 0, 1, 0, 2, 0, 1, 0);
-  const __m256i second = _mm256_setr_epi8(0, 0, 0, 1, 0, 2, 2, 1, 0, 3, 3, 1, 3, 2, 2, 1,  // next set bit
-                                          0, 0, 0, 1, 0, 2, 2, 1, 0, 3, 3, 1, 3, 2, 2, 1);
-  const __m256i offset = _mm256_setr_epi8(0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12,
-                                          0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12);
-  const __m256i m = _mm256_set1_epi8(0x0f);
-  const __m256i b = _mm256_set_m128i(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bm_b)),
-                                     _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bm_a)));
-  const __m256i nib = _mm256_unpacklo_epi8(_mm256_and_si256(b, m), _mm256_and_si256(_mm256_srli_epi16(b, 4), m));
-  const __m256i f = _mm256_add_epi8(_mm256_shuffle_epi8(first, nib), offset);
-  const __m256i sc = _mm256_add_epi8(_mm256_shuffle_epi8(second, nib), offset);
-  const __m256i lo = _mm256_unpacklo_epi8(f, sc);  // A: q0 | q1, B: q0 | q1
-  const __m256i hi = _mm256_unpackhi_epi8(f, sc);  // A: q2 | q3, B: q2 | q3
-  *ctl_a = _mm256_permute2x128_si256(lo, hi, 0x20);
-  *ctl_b = _mm256_permute2x128_si256(lo, hi, 0x31);
+// The integer path on the packed layout and activations of q24_layout.h: one ymm of a step's activations holds
+// columns 0-15 | 32-47, the next 16-31 | 48-63. A row's step control [q0, q1 | q2, q3] (q_i: 8 byte indices into 16-column segment i) then
+// gathers the 32 kept activations in value order with one in-lane shuffle of each ymm and a blend: lane 0 =
+// values 0-15 (columns 0-31), lane 1 = values 16-31 (columns 32-63). The control comes from the 8 code bytes
+// broadcast to the 4 qwords, shifted right by 0, 2, 4, 6 bits (qword Q holds the codes of values 8Q..8Q+7),
+// masked to 2 bits and offset by the group's first column inside its segment.
+struct Q24Constants {
+  __m256i code_shift, two_bits, group_offset, nibble_shift, high_nibble, ones16;
+};
+
+inline Q24Constants q24_constants() {
+  Q24Constants k;
+  k.code_shift = _mm256_setr_epi64x(0, 2, 4, 6);
+  k.two_bits = _mm256_set1_epi8(3);
+  k.group_offset = _mm256_setr_epi8(0, 0, 4, 4, 8, 8, 12, 12, 0, 0, 4, 4, 8, 8, 12, 12,
+                                    0, 0, 4, 4, 8, 8, 12, 12, 0, 0, 4, 4, 8, 8, 12, 12);
+  k.nibble_shift = _mm256_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0);  // lane 0: low nibbles, lane 1: high nibbles
+  k.high_nibble = _mm256_set1_epi8(static_cast<char>(0xf0));
+  k.ones16 = _mm256_set1_epi16(1);
+  return k;
 }
 
-// 32 values of one 64-column step as signed bytes in value order (lane 0 = values 0-15, lane 1 = 16-31).
 template <int BITS>
-inline __m256i step_weights(const uint8_t* p) {
+inline __m256i step_values(const uint8_t* v, const Q24Constants& k) {
   if constexpr (BITS == 8) {
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  } else {
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));  // value i: nibble i % 2 of byte i / 2
-    const __m128i m = _mm_set1_epi8(0x0f);
-    const __m128i lo = _mm_and_si128(v, m);
-    const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
-    const __m256i w = _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
-    return _mm256_sub_epi8(w, _mm256_set1_epi8(8));
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v));
+  } else {  // 16 q as signed bytes: value i in byte i (i < 16, low nibble) or byte i - 16 (high nibble)
+    const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)));
+    return _mm256_and_si256(_mm256_sllv_epi32(b, k.nibble_shift), k.high_nibble);
   }
 }
 
-// One row-step: the int32 sums (dword lanes 0-3: block A = columns 0-31, 4-7: block B = 32-63) of the row's
-// 32 kept activations times its 32 values. maddubs needs an unsigned operand: |w| and x with w's sign.
-inline __m256 step_dot(__m256i x0, __m256i x1, __m256i ctl, __m256i wq) {
+// One row-step: 8 fp32 partial sums (dword lanes 0-3: columns 0-31, 4-7: columns 32-63) of the row's 32 kept
+// activations times its 32 values, before scaling. maddubs needs an unsigned operand: |w| and x with w's sign.
+template <int BITS>
+inline __m256 step_dot(const uint8_t* p, __m256i x0, __m256i x1, const Q24Constants& k) {
+  long long codes;
+  std::memcpy(&codes, p, 8);
+  const __m256i code = _mm256_set1_epi64x(codes);
+  const __m256i ctl = _mm256_add_epi8(_mm256_and_si256(_mm256_srlv_epi64(code, k.code_shift), k.two_bits),
+                                      k.group_offset);
   const __m256i xg = _mm256_blend_epi32(_mm256_shuffle_epi8(x0, ctl), _mm256_shuffle_epi8(x1, ctl), 0xCC);
-  const __m256i prod = _mm256_maddubs_epi16(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xg, wq));
-  return _mm256_cvtepi32_ps(_mm256_madd_epi16(prod, _mm256_set1_epi16(1)));
+  const __m256i wq = step_values<BITS>(p + 8, k);
+  const __m256i prod = _mm256_maddubs_epi16(_mm256_abs_epi8(wq), _mm256_sign_epi8(xg, wq));
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(prod, k.ones16));
 }
 
-// Two rows of the 2:4 integer path (row_b may equal row_a: the odd last row is computed twice). Work and
-// bytes follow the non-zeros: half the multiply-adds of a dense int8 dot product, 0.375 bytes per weight
-// for int4. xs8 holds per step [A x4, B x4], the activation scales of the step's two 32-column blocks.
-template <int BITS>
-inline void rows_q24(const uint8_t* const* bm, const uint8_t* const* vp, const uint16_t* const* sp, const int8_t* xp,
-                     const float* xs8, int64_t steps, int64_t steps_per_group, float* out) {
-  constexpr int64_t kStepBytes = BITS == 8 ? 32 : 16;
-  constexpr int64_t kPrefetchBytes = BITS == 8 ? 4096 : 2048;
-  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-  for (int64_t s0 = 0, group_index = 0; s0 < steps; s0 += steps_per_group, ++group_index) {
-    __m256 group[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int64_t s = s0; s < s0 + steps_per_group; ++s) {
-      // unconditional (a branch here cost more than the repeated prefetch of a line: 6.2 -> 4.4 ns a row-step);
-      // the int8 rows read 32 bytes a step, so they prefetch twice
-      for (int r = 0; r < 2; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(vp[r] + kStepBytes * s + kPrefetchBytes), _MM_HINT_T0);
-        if constexpr (BITS == 8) {
-          _mm_prefetch(reinterpret_cast<const char*>(vp[r] + kStepBytes * s + kPrefetchBytes + 32), _MM_HINT_T0);
-        }
-        _mm_prefetch(reinterpret_cast<const char*>(bm[r] + 8 * s + 2048), _MM_HINT_T0);
-      }
-      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 64 * s));
-      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 64 * s + 32));
-      const __m256 sx = _mm256_loadu_ps(xs8 + 8 * s);
-      __m256i ctl[2];
-      gather_controls(bm[0] + 8 * s, bm[1] + 8 * s, ctl, ctl + 1);
-      for (int r = 0; r < 2; ++r) {
-        group[r] = _mm256_fmadd_ps(step_dot(x0, x1, ctl[r], step_weights<BITS>(vp[r] + kStepBytes * s)), sx, group[r]);
-      }
-    }
-    for (int r = 0; r < 2; ++r) {
-      acc[r] = _mm256_fmadd_ps(group[r], _mm256_set1_ps(_cvtsh_ss(sp[r][group_index])), acc[r]);
-    }
-  }
-  out[0] = hsum(acc[0]);
-  out[1] = hsum(acc[1]);
-}
-
-template <int BITS>
-void gemv_rows_q24_t(const SparseWeight& w, const int8_t* xq, const float* xs, float* y, int64_t n0, int64_t n1) {
-  const int64_t steps = w.cols / 64;
-  const int64_t steps_per_group = w.group_size / 32;
-  std::vector<float> xs8(static_cast<size_t>(8 * steps));
-  std::vector<int8_t> xp(static_cast<size_t>(w.cols));  // per step: columns 0-15, 32-47, 16-31, 48-63
+// ROWS rows of the integer path, one packed stream each. Work and bytes follow the non-zeros: half the
+// multiply-adds of a dense int8 dot product, 26 bytes per 64 columns for int4. xs8 holds per step
+// [A x4, B x4], the activation scales of the step's two 32-column blocks (over 16 for int4).
+template <int BITS, int ROWS>
+inline void rows_q24(const uint8_t* const* rp, const int8_t* xp, const float* xs8, int64_t steps, float* out) {
+  constexpr int64_t kStride = q24_step_bytes(BITS);
+  constexpr int64_t kScaleAt = 8 + q24_value_bytes(BITS);
+  // Two row pairs ahead: the rows of a pair are adjacent, so a short distance lands in rows being read.
+  // 4096 x 4096 in DRAM, 2 threads: 2-4x faster than no software prefetch, ahead of 1, 2 and 4 KiB; one or
+  // two pairs ahead and the T1/NTA hints were within the machine's noise of it.
+  const int64_t prefetch = 4 * kStride * steps;
+  const Q24Constants k = q24_constants();
+  __m256 acc[ROWS];
+  for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t s = 0; s < steps; ++s) {
-    std::fill(xs8.begin() + 8 * s, xs8.begin() + 8 * s + 4, xs[2 * s]);
-    std::fill(xs8.begin() + 8 * s + 4, xs8.begin() + 8 * s + 8, xs[2 * s + 1]);
-    const int8_t* src = xq + 64 * s;
-    int8_t* dst = xp.data() + 64 * s;
-    std::memcpy(dst, src, 16);
-    std::memcpy(dst + 16, src + 32, 16);
-    std::memcpy(dst + 32, src + 16, 16);
-    std::memcpy(dst + 48, src + 48, 16);
-  }
-  const uint8_t* values = static_cast<const uint8_t*>(w.values);
-  const int64_t* off = w.row_offsets;
-  for (int64_t n = n0; n < n1; n += 2) {
-    const int64_t rows[2] = {n, std::min(n + 1, n1 - 1)};
-    const uint8_t* bm[2];
-    const uint8_t* vp[2];
-    const uint16_t* sp[2];
-    for (int r = 0; r < 2; ++r) {
-      bm[r] = w.bitmap + rows[r] * w.width;
-      vp[r] = values + off[rows[r]] * BITS / 8;  // rows hold whole groups of 32k values: byte aligned for int4
-      sp[r] = w.scales + off[rows[r]] / w.group_size;
+    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 64 * s));
+    const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 64 * s + 32));
+    const __m256 sx = _mm256_loadu_ps(xs8 + 8 * s);
+    for (int r = 0; r < ROWS; ++r) {
+      const uint8_t* p = rp[r] + kStride * s;
+      // unconditional: a branch here cost more than the repeated prefetch of a line
+      _mm_prefetch(reinterpret_cast<const char*>(p + prefetch), _MM_HINT_T0);
+      uint16_t half;
+      std::memcpy(&half, p + kScaleAt, 2);
+      const __m256 scale = _mm256_mul_ps(sx, _mm256_cvtph_ps(_mm_set1_epi16(static_cast<short>(half))));
+      acc[r] = _mm256_fmadd_ps(step_dot<BITS>(p, x0, x1, k), scale, acc[r]);
     }
-    float out[2];
-    rows_q24<BITS>(bm, vp, sp, xp.data(), xs8.data(), steps, steps_per_group, out);
-    y[n - n0] = out[0];
-    if (n + 1 < n1) y[n + 1 - n0] = out[1];
+  }
+  for (int r = 0; r < ROWS; ++r) out[r] = hsum(acc[r]);
+}
+
+template <int BITS>
+void gemv_rows_q24_t(const SparseWeight& w, const int8_t* xp, const float* xs8, float* y, int64_t n0, int64_t n1) {
+  constexpr int kRows = 2;
+  const int64_t steps = w.cols / 64;
+  const int64_t row_bytes = steps * q24_step_bytes(BITS);
+  for (int64_t n = n0; n < n1; n += kRows) {
+    const uint8_t* rp[kRows];
+    for (int r = 0; r < kRows; ++r) rp[r] = w.q24 + std::min(n + r, n1 - 1) * row_bytes;  // tail rows repeat
+    float out[kRows];
+    rows_q24<BITS, kRows>(rp, xp, xs8, steps, out);
+    for (int r = 0; r < kRows && n + r < n1; ++r) y[n + r - n0] = out[r];
   }
 }
 
-void gemv_rows_q24(const SparseWeight& w, const int8_t* xq, const float* xs, float* y, int64_t n0, int64_t n1) {
+void gemv_rows_q24(const SparseWeight& w, const int8_t* xp, const float* xs8, float* y, int64_t n0, int64_t n1) {
   if (w.bits == 8) {
-    gemv_rows_q24_t<8>(w, xq, xs, y, n0, n1);
+    gemv_rows_q24_t<8>(w, xp, xs8, y, n0, n1);
   } else {
-    gemv_rows_q24_t<4>(w, xq, xs, y, n0, n1);
+    gemv_rows_q24_t<4>(w, xp, xs8, y, n0, n1);
   }
 }
 

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "kernels.h"
+#include "q24_layout.h"
 
 namespace salr {
 
@@ -163,33 +164,27 @@ void f32_to_f16(const float* src, uint16_t* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = float_to_half(src[i]);
 }
 
-// q of quantized value i (format v2).
-inline int quantized_at(const SparseWeight& w, int64_t i) {
-  if (w.bits == 8) return static_cast<const int8_t*>(w.values)[i];
-  const uint8_t byte = static_cast<const uint8_t*>(w.values)[i >> 1];
-  return static_cast<int>((i & 1) ? (byte >> 4) : (byte & 0x0f)) - 8;
-}
-
-// The integer path's arithmetic, in its plainest form: per 32-column block an exact integer dot product
-// scaled by the block's activation scale, per group the sum scaled by the weight scale.
-void gemv_rows_q24(const SparseWeight& w, const int8_t* xq, const float* xs, float* y, int64_t n0, int64_t n1) {
-  const int64_t g = w.group_size;
-  const int64_t cols_per_group = 2 * g;  // 2:4: a group of g values covers 2g columns
+// The integer path's arithmetic, in its plainest form, on the packed layout (q24_layout.h): per 32-column
+// block an exact integer dot product scaled by the block's activation scale, per step by the group's scale.
+void gemv_rows_q24(const SparseWeight& w, const int8_t* xp, const float* xs8, float* y, int64_t n0, int64_t n1) {
+  const int64_t steps = w.cols / 64;
+  const int64_t stride = q24_step_bytes(w.bits);
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = w.bitmap + n * w.width;
-    int64_t pos = w.row_offsets[n];
     float acc = 0.f;
-    for (int64_t c0 = 0; c0 < w.cols; c0 += cols_per_group) {
-      const float scale = half_to_float(w.scales[pos / g]);
-      float group = 0.f;
-      for (int64_t b0 = c0; b0 < c0 + cols_per_group; b0 += 32) {
-        int32_t dot = 0;
-        for (int64_t c = b0; c < b0 + 32; ++c) {
-          if ((row[c >> 3] >> (c & 7)) & 1u) dot += quantized_at(w, pos++) * xq[c];
-        }
-        group += static_cast<float>(dot) * xs[b0 / 32];
+    for (int64_t s = 0; s < steps; ++s) {
+      const uint8_t* p = w.q24 + (n * steps + s) * stride;
+      const uint8_t* v = p + 8;
+      int32_t dot[2] = {0, 0};  // columns 0-31, 32-63 of the step
+      for (int j = 0; j < 32; ++j) {
+        const int64_t col = 64 * s + 4 * (j / 2) + ((p[j % 8] >> (2 * (j / 8))) & 3);
+        const int q = w.bits == 8 ? static_cast<int8_t>(v[j])
+                                  : static_cast<int8_t>(j < 16 ? v[j] << 4 : v[j - 16] & 0xf0);  // 16 q
+        dot[j / 16] += q * xp[q24_activation_index(col)];
       }
-      acc += group * scale;
+      uint16_t scale;
+      std::memcpy(&scale, v + q24_value_bytes(w.bits), 2);
+      acc += (static_cast<float>(dot[0]) * xs8[8 * s] + static_cast<float>(dot[1]) * xs8[8 * s + 4]) *
+             half_to_float(scale);
     }
     y[n - n0] = acc;
   }

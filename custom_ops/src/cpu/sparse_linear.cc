@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "q24_layout.h"
 
 namespace salr {
 namespace {
@@ -183,7 +184,8 @@ void transpose_task(void* arg, int64_t b) {
 }
 
 // ---- quantized weights (bitmap format v2) ---------------------------------------------------------------
-// - m == 1 and int_path_applies: the set's integer kernel on int8 activations (per 32-column block scales).
+// - m == 1 and int_path_applies: the set's integer kernel on int8 activations (per 32-column block scales)
+//   and the packed layout of q24_layout.h (built at kernel construction, or here for non-constant weights).
 // - m == 1 otherwise: each task dequantizes its rows' values into a small fp32 buffer and runs the float
 //   gemv on a view of those rows, so no full-size fp32 copy of W is ever written per token.
 // - m > 1: the whole weight is dequantized once per call (parallel) and the float drivers run on it; the
@@ -195,8 +197,8 @@ struct QuantJob {
   const SparseWeight* w;
   const AdapterTerms* ad;
   const float* x;
-  const int8_t* xq;
-  const float* xs;
+  const int8_t* xp;    // the integer path's activations (prepare_q24_activations)
+  const float* xs8;
   const float* t;  // X A^T [1, rank]
   float* y;
   float* dequantized;  // m > 1: fp32 values [nnz]
@@ -207,7 +209,7 @@ void gemv_q24_task(void* arg, int64_t c) {
   const QuantJob& j = *static_cast<const QuantJob*>(arg);
   const int64_t n0 = c * j.chunk_rows;
   const int64_t n1 = std::min(n0 + j.chunk_rows, j.w->rows);
-  j.ks->gemv_rows_q24(*j.w, j.xq, j.xs, j.y + n0, n0, n1);
+  j.ks->gemv_rows_q24(*j.w, j.xp, j.xs8, j.y + n0, n0, n1);
   adapter_epilogue(*j.ks, *j.ad, j.t, 1, j.w->rows, j.y, n0, n1);
 }
 
@@ -317,11 +319,16 @@ void quantized_linear(const KernelSet& ks, const SparseWeight& w, const AdapterT
   const std::vector<float> t = adapter_inputs(ks, w, ad, x, 1, ldx, runner);
   job.t = t.data();
   if (ks.gemv_rows_q24 != nullptr && int_path_applies(w)) {
-    std::vector<int8_t> xq(static_cast<size_t>(w.cols));
-    std::vector<float> xs(static_cast<size_t>(w.cols / 32));
-    quantize_activations(x, w.cols, xq.data(), xs.data());
-    job.xq = xq.data();
-    job.xs = xs.data();
+    SparseWeight packed = w;
+    std::vector<uint8_t> per_call;
+    if (packed.q24 == nullptr) {  // a weight that is not a constant initializer: packed for this call only
+      per_call = pack_q24(w);
+      packed.q24 = per_call.data();
+    }
+    job.w = &packed;
+    const Q24Activations xa = prepare_q24_activations(x, w.cols, w.bits);
+    job.xp = xa.xp.data();
+    job.xs8 = xa.xs8.data();
     job.chunk_rows = kGemvChunkRows;
     runner(ceil_div(w.rows, job.chunk_rows), gemv_q24_task, &job);
   } else {

@@ -1,0 +1,48 @@
+// The packed weight layout of the batch-1 2:4 integer path (int_path_applies).
+//
+// The bitmap + values of format v2 are compact (0.375 bytes a weight for int4) but costly to decode on the
+// fly: per 64-column step a gather control must be built from bitmap nibbles and the nibbles of the values
+// re-interleaved. This layout holds the same information, in the same number of bytes plus one fp32 scale a
+// step, arranged so the AVX2 kernel decodes a step in five instructions. It is built once per constant weight
+// at kernel construction (per call for weights that are graph inputs).
+//
+// Row n, step s (columns 64s .. 64s + 63; value j = the j-th kept column of the step, j < 32) starts at byte
+// (n * (K / 64) + s) * q24_step_bytes(bits):
+//   [0, 8)       position codes: bits 2Q, 2Q + 1 of byte k hold the column of value j = 8Q + k inside its
+//                aligned group of 4 columns (2:4: values 2g and 2g + 1 lie in group g)
+//   [8, 8 + V)   values, V = q24_value_bytes(bits): int8 q_0 .. q_31; int4: byte i = (q_i & 15) | (q_(16+i) & 15) << 4,
+//                two's complement nibbles (the kernels read them as the signed bytes 16 q and fold 1/16 into
+//                the activation scales)
+//   [8 + V, +2)  fp16 scale of the step's group (a copy: groups of 64 or more values repeat it per step)
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "kernels.h"
+
+namespace salr {
+
+constexpr int64_t q24_value_bytes(int bits) { return bits == 8 ? 32 : 16; }
+constexpr int64_t q24_step_bytes(int bits) { return 8 + q24_value_bytes(bits) + 2; }
+
+// The packed copy of a weight for which int_path_applies(w) holds.
+std::vector<uint8_t> pack_q24(const SparseWeight& w);
+
+// The integer path's activations for one row x [K], prepared once per call: quantized per 32-column block
+// (quantize_activations), then per 64-column step the int8 columns in the order 0-15, 32-47, 16-31, 48-63
+// (xp: one ymm then holds columns 0-15 | 32-47, the next 16-31 | 48-63) and 8 fp32 scales [A x4, B x4]
+// (xs8; A, B: the step's two 32-column blocks), divided by 16 for int4 (whose values are read as 16 q).
+struct Q24Activations {
+  std::vector<int8_t> xp;
+  std::vector<float> xs8;
+};
+Q24Activations prepare_q24_activations(const float* x, int64_t k, int bits);
+
+// Where column c of the row lies in Q24Activations::xp.
+inline int64_t q24_activation_index(int64_t c) {
+  constexpr int64_t kSegment[4] = {0, 32, 16, 48};
+  return (c & ~int64_t{63}) + kSegment[(c >> 4) & 3] + (c & 15);
+}
+
+}  // namespace salr
