@@ -593,28 +593,27 @@ inline __m256 step_dot(const uint8_t* p, __m256i x0, __m256i x1, const Q24Consta
   return _mm256_cvtepi32_ps(_mm256_madd_epi16(prod, k.ones16));
 }
 
-// ROWS rows of the integer path, one packed stream each. Work and bytes follow the non-zeros: half the
-// multiply-adds of a dense int8 dot product, 26 bytes per 64 columns for int4. xs8 holds per step
-// [A x4, B x4], the activation scales of the step's two 32-column blocks (over 16 for int4).
+// ROWS rows of the integer path (a pair, or a lone row), their step s at rp[r] + s * stride. Work and bytes
+// follow the non-zeros: half the multiply-adds of a dense int8 dot product, 26 bytes per 64 columns for
+// int4. xs8 holds per step [A x4, B x4], the activation scales of the step's two 32-column blocks (over 16
+// for int4). Prefetches run `prefetch` bytes ahead.
 template <int BITS, int ROWS>
-inline void rows_q24(const uint8_t* const* rp, const int8_t* xp, const float* xs8, int64_t steps, float* out) {
-  constexpr int64_t kStride = q24_step_bytes(BITS);
+inline void rows_q24(const uint8_t* const* rp, int64_t stride, int64_t prefetch, const int8_t* xp, const float* xs8,
+                     int64_t steps, float* out) {
   constexpr int64_t kScaleAt = 8 + q24_value_bytes(BITS);
-  // Two row pairs ahead: the rows of a pair are adjacent, so a short distance lands in rows being read.
-  // 4096 x 4096 in DRAM, 2 threads: 2-4x faster than no software prefetch, ahead of 1, 2 and 4 KiB; one or
-  // two pairs ahead and the T1/NTA hints were within the machine's noise of it.
-  const int64_t prefetch = 4 * kStride * steps;
   const Q24Constants k = q24_constants();
   __m256 acc[ROWS];
+#pragma GCC unroll 4
   for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t s = 0; s < steps; ++s) {
     const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 64 * s));
     const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 64 * s + 32));
     const __m256 sx = _mm256_loadu_ps(xs8 + 8 * s);
+    // unconditional: a branch here cost more than the repeated prefetch of a line
+    _mm_prefetch(reinterpret_cast<const char*>(rp[0] + stride * s + prefetch), _MM_HINT_T0);
+#pragma GCC unroll 4  // the accumulators must stay in registers
     for (int r = 0; r < ROWS; ++r) {
-      const uint8_t* p = rp[r] + kStride * s;
-      // unconditional: a branch here cost more than the repeated prefetch of a line
-      _mm_prefetch(reinterpret_cast<const char*>(p + prefetch), _MM_HINT_T0);
+      const uint8_t* p = rp[r] + stride * s;
       uint16_t half;
       std::memcpy(&half, p + kScaleAt, 2);
       const __m256 scale = _mm256_mul_ps(sx, _mm256_cvtph_ps(_mm_set1_epi16(static_cast<short>(half))));
@@ -626,16 +625,21 @@ inline void rows_q24(const uint8_t* const* rp, const int8_t* xp, const float* xs
 
 template <int BITS>
 void gemv_rows_q24_t(const SparseWeight& w, const int8_t* xp, const float* xs8, float* y, int64_t n0, int64_t n1) {
-  constexpr int kRows = 2;
   const int64_t steps = w.cols / 64;
-  const int64_t row_bytes = steps * q24_step_bytes(BITS);
-  for (int64_t n = n0; n < n1; n += kRows) {
-    const uint8_t* rp[kRows];
-    for (int r = 0; r < kRows; ++r) rp[r] = w.q24 + std::min(n + r, n1 - 1) * row_bytes;  // tail rows repeat
-    float out[kRows];
-    rows_q24<BITS, kRows>(rp, xp, xs8, steps, out);
-    for (int r = 0; r < kRows && n + r < n1; ++r) y[n + r - n0] = out[r];
+  // two pairs ahead in the stream; 4096 x 4096 in DRAM, 2 threads: 2-4x faster than no software prefetch
+  // and ahead of 1, 2 and 4 KiB (one pair ahead and the T1/NTA hints: within the machine's noise)
+  const int64_t prefetch = 4 * steps * q24_step_bytes(BITS);
+  auto lone_row = [&](int64_t n) {
+    const uint8_t* rp = w.q24 + q24_step_offset(w, n, 0);
+    rows_q24<BITS, 1>(&rp, q24_step_stride(w, n), prefetch, xp, xs8, steps, y + (n - n0));
+  };
+  int64_t n = n0;
+  if (n < n1 && (n & 1)) lone_row(n++);
+  for (; n + 1 < n1; n += 2) {
+    const uint8_t* rp[2] = {w.q24 + q24_step_offset(w, n, 0), w.q24 + q24_step_offset(w, n + 1, 0)};
+    rows_q24<BITS, 2>(rp, q24_step_stride(w, n), prefetch, xp, xs8, steps, y + (n - n0));
   }
+  if (n < n1) lone_row(n);
 }
 
 void gemv_rows_q24(const SparseWeight& w, const int8_t* xp, const float* xs8, float* y, int64_t n0, int64_t n1) {

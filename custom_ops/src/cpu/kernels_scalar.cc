@@ -168,11 +168,10 @@ void f32_to_f16(const float* src, uint16_t* dst, int64_t n) {
 // block an exact integer dot product scaled by the block's activation scale, per step by the group's scale.
 void gemv_rows_q24(const SparseWeight& w, const int8_t* xp, const float* xs8, float* y, int64_t n0, int64_t n1) {
   const int64_t steps = w.cols / 64;
-  const int64_t stride = q24_step_bytes(w.bits);
   for (int64_t n = n0; n < n1; ++n) {
     float acc = 0.f;
     for (int64_t s = 0; s < steps; ++s) {
-      const uint8_t* p = w.q24 + (n * steps + s) * stride;
+      const uint8_t* p = w.q24 + q24_step_offset(w, n, s);
       const uint8_t* v = p + 8;
       int32_t dot[2] = {0, 0};  // columns 0-31, 32-63 of the step
       for (int j = 0; j < 32; ++j) {

@@ -6,13 +6,12 @@ namespace salr {
 
 std::vector<uint8_t> pack_q24(const SparseWeight& w) {
   const int64_t steps = w.cols / 64;
-  const int64_t stride = q24_step_bytes(w.bits);
-  std::vector<uint8_t> out(static_cast<size_t>(w.rows * steps * stride));
+  std::vector<uint8_t> out(static_cast<size_t>(w.rows * steps * q24_step_bytes(w.bits)));
   for (int64_t n = 0; n < w.rows; ++n) {
     const uint8_t* row = w.bitmap + n * w.width;
     int64_t pos = w.row_offsets[n];
     for (int64_t s = 0; s < steps; ++s) {
-      uint8_t* p = out.data() + (n * steps + s) * stride;
+      uint8_t* p = out.data() + q24_step_offset(w, n, s);
       int8_t q[32];
       int j = 0;
       for (int64_t c = 64 * s; c < 64 * s + 64; ++c) {

@@ -6,8 +6,9 @@
 // step, arranged so the AVX2 kernel decodes a step in five instructions. It is built once per constant weight
 // at kernel construction (per call for weights that are graph inputs).
 //
-// Row n, step s (columns 64s .. 64s + 63; value j = the j-th kept column of the step, j < 32) starts at byte
-// (n * (K / 64) + s) * q24_step_bytes(bits):
+// Rows are stored in pairs (2i, 2i + 1) with their steps interleaved, so the kernel, which computes a pair at a
+// time, reads one sequential stream; an odd last row stands alone. Row n, step s (columns 64s .. 64s + 63;
+// value j = the j-th kept column of the step, j < 32) starts at byte q24_step_offset(w, n, s):
 //   [0, 8)       position codes: bits 2Q, 2Q + 1 of byte k hold the column of value j = 8Q + k inside its
 //                aligned group of 4 columns (2:4: values 2g and 2g + 1 lie in group g)
 //   [8, 8 + V)   values, V = q24_value_bytes(bits): int8 q_0 .. q_31; int4: byte i = (q_i & 15) | (q_(16+i) & 15) << 4,
@@ -25,6 +26,16 @@ namespace salr {
 
 constexpr int64_t q24_value_bytes(int bits) { return bits == 8 ? 32 : 16; }
 constexpr int64_t q24_step_bytes(int bits) { return 8 + q24_value_bytes(bits) + 2; }
+
+// Bytes from one step of row n to its next step: two steps inside a pair, one for a lone last row.
+inline int64_t q24_step_stride(const SparseWeight& w, int64_t n) {
+  return ((n | 1) < w.rows ? 2 : 1) * q24_step_bytes(w.bits);
+}
+
+inline int64_t q24_step_offset(const SparseWeight& w, int64_t n, int64_t s) {
+  const int64_t step = q24_step_bytes(w.bits);
+  return (n & ~int64_t{1}) * (w.cols / 64) * step + (n & 1) * step + s * q24_step_stride(w, n);
+}
 
 // The packed copy of a weight for which int_path_applies(w) holds.
 std::vector<uint8_t> pack_q24(const SparseWeight& w);
