@@ -90,8 +90,11 @@ struct KernelSet {
   // Quantized weights: fp32 values [v0, v1) (v1 - v0 of them) of w, dequantized.
   void (*dequant)(const SparseWeight& w, int64_t v0, int64_t v1, float* out);
   // Batch-1 integer path (int_path_applies(w), w.q24 set): y[n - n0] = W[n, :] . x for n in [n0, n1), with x
-  // prepared by prepare_q24_activations (q24_layout.h): xp [K], xs8 [K / 8]. Null: the set has none.
+  // prepared by quantize_q24: xp [K], xs8 [K / 8]. Null: the set has none.
   void (*gemv_rows_q24)(const SparseWeight& w, const int8_t* xp, const float* xs8, float* y, int64_t n0, int64_t n1);
+  // The integer path's activations of one row x [K] (K % 64 == 0), laid out as q24_layout.h describes. Every
+  // set with gemv_rows_q24 has it, and all produce the same bytes.
+  void (*quantize_q24)(const float* x, int64_t k, int bits, int8_t* xp, float* xs8);
 };
 
 const KernelSet& scalar_kernels();
@@ -114,8 +117,9 @@ void bitmap_decode(const SparseWeight& w, void* out, const Runner& runner);
 
 // Portable pieces of the quantized path, shared by the sets that have no SIMD version of them.
 void dequantize_values(const SparseWeight& w, int64_t v0, int64_t v1, float* out);
-// x [K] (K % 32 == 0) -> int8 per 32-column block, symmetric: xs = max|x| / 127, q = round-half-even(x / xs).
-void quantize_activations(const float* x, int64_t k, int8_t* xq, float* xs);
+// The portable quantize_q24: per 32-column block xs = max|x| / 127, q = round-half-even(x / xs) clamped to
+// [-127, 127] (0 for an all-zero block; NaN columns are ignored by the max and give -127).
+void quantize_q24(const float* x, int64_t k, int bits, int8_t* xp, float* xs8);
 
 // IEEE half <-> float, round to nearest even; portable reference used by the scalar set.
 float half_to_float(uint16_t h);

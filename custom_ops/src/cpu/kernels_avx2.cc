@@ -642,6 +642,44 @@ void gemv_rows_q24_t(const SparseWeight& w, const int8_t* xp, const float* xs8, 
   if (n < n1) lone_row(n);
 }
 
+// The same bytes as the portable quantize_q24 (kernels.h): an IEEE division and round-half-even, max and min
+// ordered so that NaN columns behave as std::fmax / std::fmin make them behave there.
+void quantize_q24(const float* x, int64_t k, int bits, int8_t* xp, float* xs8) {
+  constexpr int64_t kSegment[4] = {0, 32, 16, 48};
+  const float unpack = bits == 4 ? 1.f / 16.f : 1.f;
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 lo = _mm256_set1_ps(-127.f);
+  const __m256 hi = _mm256_set1_ps(127.f);
+  for (int64_t b = 0; b < k; b += 32) {
+    __m256 v[4];
+    __m256 amax = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_loadu_ps(x + b + 8 * i);
+      amax = _mm256_max_ps(_mm256_and_ps(v[i], abs_mask), amax);  // a NaN operand yields amax
+    }
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    const float scale = _mm_cvtss_f32(m) / 127.f;
+    for (int i = 0; i < 4; ++i) xs8[b / 8 + i] = scale * unpack;
+    const __m256 sv = _mm256_set1_ps(scale);
+    for (int seg = 0; seg < 2; ++seg) {
+      __m128i bytes = _mm_setzero_si128();
+      if (scale > 0.f) {
+        __m256i q[2];
+        for (int h = 0; h < 2; ++h) {
+          const __m256 r = _mm256_round_ps(_mm256_div_ps(v[2 * seg + h], sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          q[h] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));  // NaN -> -127, as fmin(127, fmax(-127, NaN))
+        }
+        const __m256i w16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xD8);  // columns 0-15 in order
+        bytes = _mm_packs_epi16(_mm256_castsi256_si128(w16), _mm256_extracti128_si256(w16, 1));
+      }
+      const int64_t col = b + 16 * seg;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(xp + (col & ~int64_t{63}) + kSegment[(col >> 4) & 3]), bytes);
+    }
+  }
+}
+
 void gemv_rows_q24(const SparseWeight& w, const int8_t* xp, const float* xs8, float* y, int64_t n0, int64_t n1) {
   if (w.bits == 8) {
     gemv_rows_q24_t<8>(w, xp, xs8, y, n0, n1);
@@ -651,7 +689,8 @@ void gemv_rows_q24(const SparseWeight& w, const int8_t* xp, const float* xs8, fl
 }
 
 const KernelSet kAvx2 = {"avx2",     gemv_rows,  decode_row_f32, extract_row, dot_nt,
-                         axpy_block, f16_to_f32, f32_to_f16,     dequant,     gemv_rows_q24};
+                         axpy_block, f16_to_f32, f32_to_f16,     dequant,     gemv_rows_q24,
+                         quantize_q24};
 
 }  // namespace
 }  // namespace salr

@@ -246,7 +246,7 @@ const KernelSet* neon_kernels() {
                                dot_nt,     axpy_block, f16_to_f32,                      f32_to_f16,
                                // quantized weights: portable dequantization, then the NEON float kernels
                                // (no integer path yet: null sends batch 1 through the float path too)
-                               dequantize_values, nullptr};
+                               dequantize_values, nullptr, nullptr};
   return &ks;
 }
 

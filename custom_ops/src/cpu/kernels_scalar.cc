@@ -205,15 +205,17 @@ void dequantize_values(const SparseWeight& w, int64_t v0, int64_t v1, float* out
   }
 }
 
-void quantize_activations(const float* x, int64_t k, int8_t* xq, float* xs) {
+void quantize_q24(const float* x, int64_t k, int bits, int8_t* xp, float* xs8) {
+  const float unpack = bits == 4 ? 1.f / 16.f : 1.f;  // int4 values are read as 16 q
   for (int64_t b = 0; b < k; b += 32) {
     float amax = 0.f;
     for (int64_t c = b; c < b + 32; ++c) amax = std::fmax(amax, std::fabs(x[c]));
     const float scale = amax / 127.f;
-    xs[b / 32] = scale;
+    for (int i = 0; i < 4; ++i) xs8[b / 8 + i] = scale * unpack;
     for (int64_t c = b; c < b + 32; ++c) {
       // nearbyint rounds half to even under the default rounding mode, as the SIMD conversions do
-      xq[c] = scale > 0.f ? static_cast<int8_t>(std::fmax(-127.f, std::fmin(127.f, std::nearbyint(x[c] / scale)))) : 0;
+      xp[q24_activation_index(c)] =
+          scale > 0.f ? static_cast<int8_t>(std::fmin(127.f, std::fmax(-127.f, std::nearbyint(x[c] / scale)))) : 0;
     }
   }
 }
@@ -226,7 +228,8 @@ Runner serial_runner() {
 
 const KernelSet& scalar_kernels() {
   static const KernelSet ks = {"scalar",   gemv_rows,  decode_row_f32,    extract_row,  dot_nt,
-                               axpy_block, f16_to_f32, f32_to_f16,        dequantize_values, gemv_rows_q24};
+                               axpy_block, f16_to_f32, f32_to_f16,        dequantize_values, gemv_rows_q24,
+                               quantize_q24};
   return ks;
 }
 

@@ -32,18 +32,11 @@ std::vector<uint8_t> pack_q24(const SparseWeight& w) {
   return out;
 }
 
-Q24Activations prepare_q24_activations(const float* x, int64_t k, int bits) {
-  std::vector<int8_t> xq(static_cast<size_t>(k));
-  std::vector<float> xs(static_cast<size_t>(k / 32));
-  quantize_activations(x, k, xq.data(), xs.data());
+Q24Activations prepare_q24_activations(const KernelSet& ks, const float* x, int64_t k, int bits) {
   Q24Activations a;
   a.xp.resize(static_cast<size_t>(k));
   a.xs8.resize(static_cast<size_t>(k / 8));
-  for (int64_t c = 0; c < k; ++c) a.xp[q24_activation_index(c)] = xq[c];
-  const float unpack = bits == 4 ? 1.f / 16.f : 1.f;
-  for (int64_t b = 0; b < k / 32; ++b) {
-    for (int i = 0; i < 4; ++i) a.xs8[4 * b + i] = xs[b] * unpack;
-  }
+  ks.quantize_q24(x, k, bits, a.xp.data(), a.xs8.data());
   return a;
 }
 

@@ -40,15 +40,15 @@ inline int64_t q24_step_offset(const SparseWeight& w, int64_t n, int64_t s) {
 // The packed copy of a weight for which int_path_applies(w) holds.
 std::vector<uint8_t> pack_q24(const SparseWeight& w);
 
-// The integer path's activations for one row x [K], prepared once per call: quantized per 32-column block
-// (quantize_activations), then per 64-column step the int8 columns in the order 0-15, 32-47, 16-31, 48-63
+// The integer path's activations for one row x [K], prepared once per call (by the set's quantize_q24):
+// quantized to int8 per 32-column block, then per 64-column step the int8 columns in the order 0-15, 32-47, 16-31, 48-63
 // (xp: one ymm then holds columns 0-15 | 32-47, the next 16-31 | 48-63) and 8 fp32 scales [A x4, B x4]
 // (xs8; A, B: the step's two 32-column blocks), divided by 16 for int4 (whose values are read as 16 q).
 struct Q24Activations {
   std::vector<int8_t> xp;
   std::vector<float> xs8;
 };
-Q24Activations prepare_q24_activations(const float* x, int64_t k, int bits);
+Q24Activations prepare_q24_activations(const KernelSet& ks, const float* x, int64_t k, int bits);
 
 // Where column c of the row lies in Q24Activations::xp.
 inline int64_t q24_activation_index(int64_t c) {

@@ -326,7 +326,7 @@ void quantized_linear(const KernelSet& ks, const SparseWeight& w, const AdapterT
       packed.q24 = per_call.data();
     }
     job.w = &packed;
-    const Q24Activations xa = prepare_q24_activations(x, w.cols, w.bits);
+    const Q24Activations xa = prepare_q24_activations(ks, x, w.cols, w.bits);
     job.xp = xa.xp.data();
     job.xs8 = xa.xs8.data();
     job.chunk_rows = kGemvChunkRows;
