@@ -55,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapter-dtype", choices=["fp16", "fp32"], default=None,
                         help="dtype of the stored adapters (default: the model's; fp16 in an fp32 model halves "
                              "their bytes, cast back at load)")
-    parser.add_argument("--lm-head", choices=["float", "int8"], default="float",
-                        help="int8: output projection (and a tied embedding) as ORT MatMulNBits 8-bit, block 32")
+    parser.add_argument("--lm-head", choices=["float", "int8", "int4"], default="float",
+                        help="int8/int4: output projection (and a tied embedding) as ORT MatMulNBits 8/4-bit, block 32")
     parser.add_argument("--no-function-fallback", action="store_true",
                         help="omit the standard-ONNX function bodies (the model then needs the library)")
     parser.add_argument("--opset", type=int, default=None,

@@ -47,12 +47,12 @@ from salr_edge.modules.sparse_lowrank_linear import SparseLowRankLinear, iter_sp
 
 from . import ops_schema
 from .architectures import ArchitectureSpec, KVLayout, get_architecture, kv_layout
-from .quantized_head import int8_head_replacements
+from .quantized_head import quantized_head_replacements
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("salr", "dense")
-LM_HEADS = ("float", "int8")
+LM_HEADS = ("float", "int8", "int4")
 # At opset 23 torch's exporter emits RMSNormalization, RotaryEmbedding and Attention (grouped-query, with the
 # past concatenated) instead of ~40 elementwise/reshape nodes per layer, and ORT runs them as fused kernels
 # (checked on ORT 1.32). A runtime without opset 23 needs `opset=18`.
@@ -98,10 +98,10 @@ class ExportConfig(_ConfigMixin):
         adapter_dtype: dtype in which A_cat / B_cat are stored; None: the model's. "fp16" in an fp32 model
             halves the adapters' bytes on disk: a Cast in the graph (folded by ORT at load) feeds the op
             fp32 adapters, as the op contract asks.
-        lm_head: "float" keeps the output projection in the model's dtype; "int8" exports it as ORT's
-            `com.microsoft::MatMulNBits` with 8-bit weights (block 32, int8 activations) and a tied input
-            embedding gathers from the same int8 table (see `quantized_head`): 0.28x the fp32 bytes of the
-            largest matrix of a small LM, read at int8 speed for every token. Needs onnxruntime.
+        lm_head: "float" keeps the output projection in the model's dtype; "int8" / "int4" export it as ORT's
+            `com.microsoft::MatMulNBits` with 8- / 4-bit weights (block 32, int8 activations) and a tied input
+            embedding gathers from the same table (see `quantized_head`): 0.28x / 0.16x the fp32 bytes of the
+            largest matrix of a small LM, read at that width for every token. Needs onnxruntime.
         values: how the sparse bases are stored. None: as each layer holds them (a quantized base becomes
             `com.salr::SALRLinearQ`, a float one `SALRLinear` with `values_dtype`). "float": every layer
             as float values (a quantized layer is refused). "int8"/"int4": every layer as `SALRLinearQ`
@@ -393,8 +393,8 @@ def _replacement_modules(model: nn.Module, config: ExportConfig) -> dict[str, nn
         raise ValueError("method 'salr' needs a compressed model (no SparseLowRankLinear layers found): "
                          "run salr_edge.compress_ first, or export with method 'dense'")
     replacements: dict[str, nn.Module] = {}
-    if config.lm_head == "int8":
-        replacements.update(int8_head_replacements(model, config.torch_dtype))
+    if config.lm_head != "float":
+        replacements.update(quantized_head_replacements(model, config.torch_dtype, config.lm_head))
     if config.bits is not None:
         floats = [name for name, module in layers if not module.is_quantized]
         if floats:
