@@ -56,6 +56,9 @@ inline bool int_path_applies(const SparseWeight& w) {
 struct AdapterTerms {
   const float* a = nullptr;  // [rank, K]
   const float* b = nullptr;  // [N, rank]
+  // B^T [rank, N], when the caller keeps one (a constant B): batch 1 then adds B t to 8-64 outputs at a time
+  // with contiguous loads instead of one rank-long dot product per output.
+  const float* bt = nullptr;
   int64_t rank = 0;
   const float* bias = nullptr;  // [N] or null
 };
