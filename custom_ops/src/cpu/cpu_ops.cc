@@ -233,10 +233,10 @@ class BitmapWeightInput {
 };
 
 // A float input (adapter factor, bias) needed in fp32. A constant fp16 initializer is converted once; a
-// constant 2-D one can also be kept transposed (`transpose`).
+// constant B [N, R] can also be kept as adapter panels (`panels`, kernels.h).
 class FloatInput {
  public:
-  void init(const Ort::ConstKernelInfo& info, size_t index, bool is_f16, const KernelSet& ks, bool transpose = false) {
+  void init(const Ort::ConstKernelInfo& info, size_t index, bool is_f16, const KernelSet& ks, bool panels = false) {
     Ort::ConstValue v = constant_input(info, index);
     if (!present(v)) return;
     const void* data = v.GetTensorRawData();
@@ -247,18 +247,14 @@ class FloatInput {
       converted_.resize(static_cast<size_t>(count));
       ks.f16_to_f32(static_cast<const uint16_t*>(data), converted_.data(), count);
     }
-    if (transpose && shape.size() == 2) {
-      const float* f = is_f16 ? converted_.data() : static_cast<const float*>(data);
-      transposed_.resize(static_cast<size_t>(count));
-      for (int64_t i = 0; i < shape[0]; ++i) {
-        for (int64_t j = 0; j < shape[1]; ++j) transposed_[j * shape[0] + i] = f[i * shape[1] + j];
-      }
+    if (panels && shape.size() == 2) {
+      panels_ = adapter_panels(is_f16 ? converted_.data() : static_cast<const float*>(data), shape[0], shape[1]);
     }
   }
 
-  // The transposed copy of `v` when `v` is the constant that init() transposed, else null.
-  const float* transposed(const Ort::ConstValue& v) const {
-    return !transposed_.empty() && v.GetTensorRawData() == data_ ? transposed_.data() : nullptr;
+  // The panels of `v` when `v` is the constant that init() laid out, else null.
+  const float* panels(const Ort::ConstValue& v) const {
+    return !panels_.empty() && v.GetTensorRawData() == data_ ? panels_.data() : nullptr;
   }
 
   // fp32 view of `v` (count elements); `scratch` holds a conversion when one is needed.
@@ -275,7 +271,7 @@ class FloatInput {
  private:
   const void* data_ = nullptr;
   std::vector<float> converted_;
-  std::vector<float> transposed_;
+  std::vector<float> panels_;
 };
 
 // X [..., K] as fp32 rows of stride ldx >= ceil(K/8)*8 with a zeroed tail, as the sparse kernels require.
@@ -374,7 +370,7 @@ class SALRLinearKernel {
     weight_.init(info, label_, k_, 1, vtype, q);
     if (ks_.gemv_rows_q24 != nullptr) weight_.pack_int_path();
     a_.init(info, adapter_index_, x_f16, ks_);
-    b_.init(info, adapter_index_ + 1, x_f16, ks_, /*transpose=*/true);
+    b_.init(info, adapter_index_ + 1, x_f16, ks_, /*panels=*/true);
     bias_.init(info, adapter_index_ + 2, x_f16, ks_);
   }
 
@@ -412,7 +408,7 @@ class SALRLinearKernel {
     if (rank > 0) {
       ad.a = a_.get(a, rank * k_, x_f16_, ks_, a_tmp);
       ad.b = b_.get(b, n * rank, x_f16_, ks_, b_tmp);
-      ad.bt = b_.transposed(b);
+      ad.b_panels = b_.panels(b);
     }
     if (present(bias)) ad.bias = bias_.get(bias, n, x_f16_, ks_, bias_tmp);
     const int64_t ldx = w.width * 8;

@@ -12,6 +12,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 namespace salr {
 
@@ -56,14 +57,18 @@ inline bool int_path_applies(const SparseWeight& w) {
 struct AdapterTerms {
   const float* a = nullptr;  // [rank, K]
   const float* b = nullptr;  // [N, rank]
-  // B^T [rank, N], when the caller keeps one (a constant B): batch 1 then adds B t to 8-64 outputs at a time
-  // with contiguous loads instead of one rank-long dot product per output.
-  const float* bt = nullptr;
+  // B in 8-row panels, when the caller keeps one (a constant B): panel p = B[8p : 8p + 8, :]^T, [rank, 8],
+  // zero rows past N. Batch 1 then adds B t to 8 outputs with rank FMAs over one contiguous panel instead of a
+  // rank-long dot product per output.
+  const float* b_panels = nullptr;
   int64_t rank = 0;
   const float* bias = nullptr;  // [N] or null
 };
 
 // Runs fn(arg, i) for i in [0, tasks), possibly in parallel; returns after all finished.
+// B [n, rank] as adapter panels (AdapterTerms::b_panels): ceil(n / 8) * 8 * rank floats.
+std::vector<float> adapter_panels(const float* b, int64_t n, int64_t rank);
+
 struct Runner {
   void (*run)(void* self, int64_t tasks, void (*fn)(void*, int64_t), void* arg) = nullptr;
   void* self = nullptr;

@@ -36,29 +36,30 @@ constexpr int64_t kSerialAdapterMacs = 1 << 16;
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Adds (T B^T)[.., n0:n1] and bias[n0:n1] to y rows, T = X A^T [m, rank].
-// y[n0:n1] += B[n0:n1, :] t for one activation row, from B^T: rank axpys over contiguous outputs.
-void adapter_epilogue_bt(const KernelSet& ks, const AdapterTerms& ad, const float* t, int64_t n_total, float* y,
-                         int64_t n0, int64_t n1) {
-  thread_local std::vector<int32_t> rows_of_bt;
-  if (static_cast<int64_t>(rows_of_bt.size()) < ad.rank) {
-    rows_of_bt.resize(static_cast<size_t>(ad.rank));
-    for (size_t r = 0; r < rows_of_bt.size(); ++r) rows_of_bt[r] = static_cast<int32_t>(r);
+// y[n0:n1] += B[n0:n1, :] t for one activation row, from B's 8-row panels (AdapterTerms::b_panels).
+void adapter_epilogue_panels(const KernelSet& ks, const AdapterTerms& ad, const float* t, float* y, int64_t n0,
+                             int64_t n1) {
+  thread_local std::vector<int32_t> panel_rows;
+  if (static_cast<int64_t>(panel_rows.size()) < ad.rank) {
+    panel_rows.resize(static_cast<size_t>(ad.rank));
+    for (size_t r = 0; r < panel_rows.size(); ++r) panel_rows[r] = static_cast<int32_t>(r);
   }
-  int64_t n = n0;
-  for (; n + 8 <= n1;) {
-    const int nvec = static_cast<int>(std::min<int64_t>(8, (n1 - n) / 8));
-    ks.axpy_block(rows_of_bt.data(), t, ad.rank, ad.bt + n, n_total, y + n, nvec);
-    n += 8 * nvec;
-  }
-  for (; n < n1; ++n) {
-    for (int64_t r = 0; r < ad.rank; ++r) y[n] += t[r] * ad.bt[r * n_total + n];
+  for (int64_t n = n0; n < n1;) {
+    const float* panel = ad.b_panels + (n / 8) * 8 * ad.rank;
+    if (n % 8 == 0 && n + 8 <= n1) {
+      ks.axpy_block(panel_rows.data(), t, ad.rank, panel, 8, y + n, 1);
+      n += 8;
+    } else {
+      for (int64_t r = 0; r < ad.rank; ++r) y[n] += t[r] * panel[r * 8 + n % 8];
+      ++n;
+    }
   }
 }
 
 void adapter_epilogue(const KernelSet& ks, const AdapterTerms& ad, const float* t, int64_t m, int64_t n_total,
                       float* y, int64_t n0, int64_t n1) {
-  if (ad.rank > 0 && m == 1 && ad.bt != nullptr) {
-    adapter_epilogue_bt(ks, ad, t, n_total, y, n0, n1);
+  if (ad.rank > 0 && m == 1 && ad.b_panels != nullptr) {
+    adapter_epilogue_panels(ks, ad, t, y, n0, n1);
   } else if (ad.rank > 0) {
     ks.dot_nt(m, n1 - n0, ad.rank, t, ad.rank, ad.b + n0 * ad.rank, ad.rank, y + n0, n_total, true);
   }
@@ -283,6 +284,14 @@ void dequant_task(void* arg, int64_t c) {
 }
 
 }  // namespace
+
+std::vector<float> adapter_panels(const float* b, int64_t n, int64_t rank) {
+  std::vector<float> panels(static_cast<size_t>(ceil_div(n, 8) * 8 * rank), 0.f);
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t r = 0; r < rank; ++r) panels[(i / 8) * 8 * rank + r * 8 + i % 8] = b[i * rank + r];
+  }
+  return panels;
+}
 
 void dense_nt(const KernelSet& ks, int64_t m, int64_t n, int64_t len, const float* x, int64_t ldx, const float* w,
               int64_t ldw, float* y, int64_t ldy, const Runner& runner) {
