@@ -547,11 +547,12 @@ void dequant(const SparseWeight& w, int64_t v0, int64_t v1, float* out) {
 }
 
 // The integer path on the packed layout and activations of q24_layout.h: one ymm of a step's activations holds
-// columns 0-15 | 32-47, the next 16-31 | 48-63. A row's step control [q0, q1 | q2, q3] (q_i: 8 byte indices into 16-column segment i) then
-// gathers the 32 kept activations in value order with one in-lane shuffle of each ymm and a blend: lane 0 =
-// values 0-15 (columns 0-31), lane 1 = values 16-31 (columns 32-63). The control comes from the 8 code bytes
-// broadcast to the 4 qwords, shifted right by 0, 2, 4, 6 bits (qword Q holds the codes of values 8Q..8Q+7),
-// masked to 2 bits and offset by the group's first column inside its segment.
+// columns 0-15 | 32-47, the next 16-31 | 48-63. A row's step control [q0, q1 | q2, q3] (q_i: 8 byte indices
+// into 16-column segment i) then gathers the 32 kept activations in value order with one in-lane shuffle of
+// each ymm and a blend: lane 0 = values 0-15 (columns 0-31), lane 1 = values 16-31 (columns 32-63). The
+// control comes from the 8 code bytes broadcast to the 4 qwords, shifted right by 0, 2, 4, 6 bits (qword Q
+// holds the codes of values 8Q..8Q+7), masked to 2 bits and offset by the group's first column inside its
+// segment.
 struct Q24Constants {
   __m256i code_shift, two_bits, group_offset, nibble_shift, high_nibble, ones16;
 };
@@ -668,8 +669,10 @@ void quantize_q24(const float* x, int64_t k, int bits, int8_t* xp, float* xs8) {
       if (scale > 0.f) {
         __m256i q[2];
         for (int h = 0; h < 2; ++h) {
-          const __m256 r = _mm256_round_ps(_mm256_div_ps(v[2 * seg + h], sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-          q[h] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));  // NaN -> -127, as fmin(127, fmax(-127, NaN))
+          const __m256 r =
+              _mm256_round_ps(_mm256_div_ps(v[2 * seg + h], sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          // NaN -> -127, as fmin(127, fmax(-127, NaN)) in the portable version
+          q[h] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
         }
         const __m256i w16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xD8);  // columns 0-15 in order
         bytes = _mm_packs_epi16(_mm256_castsi256_si128(w16), _mm256_extracti128_si256(w16, 1));

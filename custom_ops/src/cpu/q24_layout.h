@@ -41,9 +41,9 @@ inline int64_t q24_step_offset(const SparseWeight& w, int64_t n, int64_t s) {
 std::vector<uint8_t> pack_q24(const SparseWeight& w);
 
 // The integer path's activations for one row x [K], prepared once per call (by the set's quantize_q24):
-// quantized to int8 per 32-column block, then per 64-column step the int8 columns in the order 0-15, 32-47, 16-31, 48-63
-// (xp: one ymm then holds columns 0-15 | 32-47, the next 16-31 | 48-63) and 8 fp32 scales [A x4, B x4]
-// (xs8; A, B: the step's two 32-column blocks), divided by 16 for int4 (whose values are read as 16 q).
+// quantized to int8 per 32-column block, then per 64-column step the int8 columns in the order 0-15, 32-47,
+// 16-31, 48-63 (xp: one ymm then holds columns 0-15 | 32-47, the next 16-31 | 48-63) and 8 fp32 scales
+// [A x4, B x4] (xs8; A, B: the step's two 32-column blocks), divided by 16 for int4 (values read as 16 q).
 struct Q24Activations {
   std::vector<int8_t> xp;
   std::vector<float> xs8;
