@@ -646,7 +646,6 @@ void gemv_rows_q24_t(const SparseWeight& w, const int8_t* xp, const float* xs8, 
 // The same bytes as the portable quantize_q24 (kernels.h): an IEEE division and round-half-even, max and min
 // ordered so that NaN columns behave as std::fmax / std::fmin make them behave there.
 void quantize_q24(const float* x, int64_t k, int bits, int8_t* xp, float* xs8) {
-  constexpr int64_t kSegment[4] = {0, 32, 16, 48};
   const float unpack = bits == 4 ? 1.f / 16.f : 1.f;
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256 lo = _mm256_set1_ps(-127.f);
@@ -678,7 +677,7 @@ void quantize_q24(const float* x, int64_t k, int bits, int8_t* xp, float* xs8) {
         bytes = _mm_packs_epi16(_mm256_castsi256_si128(w16), _mm256_extracti128_si256(w16, 1));
       }
       const int64_t col = b + 16 * seg;
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(xp + (col & ~int64_t{63}) + kSegment[(col >> 4) & 3]), bytes);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(xp + q24_activation_index(col)), bytes);  // 16 in a row
     }
   }
 }
