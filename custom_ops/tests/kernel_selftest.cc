@@ -335,6 +335,8 @@ int main(int argc, char** argv) {
     check_quantized(rng, 40, 128, 1, bits, 32, 0.5, true);   // integer path
     check_quantized(rng, 33, 576, 1, bits, 32, 0.5, true);   // integer path, SmolLM2's width
     check_quantized(rng, 41, 256, 1, bits, 64, 0.5, true);   // integer path, two steps per group
+    check_quantized(rng, 43, 192, 1, bits, 32, 0.5, true);   // rows 4i + 3: two pairs at a time, a pair, a lone row
+    check_quantized(rng, 130, 128, 1, bits, 32, 0.5, true);  // row chunks of 64, the last one a single pair
     check_quantized(rng, 41, 104, 1, bits, 32, 0.5, true);   // 2:4 but K % 64 != 0: float path
     check_quantized(rng, 83, 545, 1, bits, 7, 0.5, false);   // groups span rows, odd starts
     check_quantized(rng, 83, 545, 5, bits, 32, 0.5, false);  // batch: whole-weight dequantization

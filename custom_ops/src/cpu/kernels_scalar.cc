@@ -180,10 +180,9 @@ void gemv_rows_q24(const SparseWeight& w, const int8_t* xp, const float* xs8, fl
                                   : static_cast<int8_t>(j < 16 ? v[j] << 4 : v[j - 16] & 0xf0);  // 16 q
         dot[j / 16] += q * xp[q24_activation_index(col)];
       }
-      uint16_t scale;
-      std::memcpy(&scale, v + q24_value_bytes(w.bits), 2);
-      acc += (static_cast<float>(dot[0]) * xs8[8 * s] + static_cast<float>(dot[1]) * xs8[8 * s + 4]) *
-             half_to_float(scale);
+      float scale;
+      std::memcpy(&scale, v + q24_value_bytes(w.bits), 4);
+      acc += (static_cast<float>(dot[0]) * xs8[8 * s] + static_cast<float>(dot[1]) * xs8[8 * s + 4]) * scale;
     }
     y[n - n0] = acc;
   }

@@ -26,7 +26,8 @@ std::vector<uint8_t> pack_q24(const SparseWeight& w) {
         for (int i = 0; i < 16; ++i) v[i] = static_cast<uint8_t>((q[i] & 15) | (q[16 + i] & 15) << 4);
       }
       // every step lies in one group: group_size is a multiple of 32 and rows hold whole groups
-      std::memcpy(v + q24_value_bytes(w.bits), &w.scales[(pos - 1) / w.group_size], 2);
+      const float scale = half_to_float(w.scales[(pos - 1) / w.group_size]);
+      std::memcpy(v + q24_value_bytes(w.bits), &scale, 4);
     }
   }
   return out;
