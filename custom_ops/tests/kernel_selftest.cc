@@ -167,6 +167,17 @@ void check_linear(std::mt19937& rng, int64_t n, int64_t k, int64_t m, int64_t ra
     sparse_linear(*ks, L.w, ad, x.data(), m, ldx, y.data(), serial_runner());
     expect_close(what, *ks, y, ref, scale);
   }
+  if (rank > 0) {  // B also as the kernel keeps a constant one: transposed (batch 1 reads it)
+    const std::vector<float> bt = adapter_transposed(b.data(), n, rank);
+    AdapterTerms adt = ad;
+    adt.b_t = bt.data();
+    adt.b_t_stride = n;
+    for (const KernelSet* ks : sets()) {
+      std::vector<float> y(m * n, std::nanf(""));
+      sparse_linear(*ks, L.w, adt, x.data(), m, ldx, y.data(), serial_runner());
+      expect_close((std::string(what) + " B^T").c_str(), *ks, y, ref, scale);
+    }
+  }
   // BitmapDecode must be bit-exact.
   std::vector<uint16_t> o16(n * k);
   std::vector<float> o32(n * k);

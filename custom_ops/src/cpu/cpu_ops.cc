@@ -233,10 +233,11 @@ class BitmapWeightInput {
 };
 
 // A float input (adapter factor, bias) needed in fp32. A constant fp16 initializer is converted once; a
-// constant B [N, R] can also be kept as adapter panels (`panels`, kernels.h).
+// constant B [N, R] can also be kept transposed (`transposed`, AdapterTerms::b_t).
 class FloatInput {
  public:
-  void init(const Ort::ConstKernelInfo& info, size_t index, bool is_f16, const KernelSet& ks, bool panels = false) {
+  void init(const Ort::ConstKernelInfo& info, size_t index, bool is_f16, const KernelSet& ks,
+            bool transposed = false) {
     Ort::ConstValue v = constant_input(info, index);
     if (!present(v)) return;
     const void* data = v.GetTensorRawData();
@@ -247,15 +248,18 @@ class FloatInput {
       converted_.resize(static_cast<size_t>(count));
       ks.f16_to_f32(static_cast<const uint16_t*>(data), converted_.data(), count);
     }
-    if (panels && shape.size() == 2) {
-      panels_ = adapter_panels(is_f16 ? converted_.data() : static_cast<const float*>(data), shape[0], shape[1]);
+    if (transposed && shape.size() == 2) {
+      transposed_ = adapter_transposed(is_f16 ? converted_.data() : static_cast<const float*>(data), shape[0],
+                                       shape[1]);
+      rows_ = shape[0];
     }
   }
 
-  // The panels of `v` when `v` is the constant that init() laid out, else null.
-  const float* panels(const Ort::ConstValue& v) const {
-    return !panels_.empty() && v.GetTensorRawData() == data_ ? panels_.data() : nullptr;
+  // `v` transposed when `v` is the constant that init() laid out, else null; rows() is its row stride.
+  const float* transposed(const Ort::ConstValue& v) const {
+    return !transposed_.empty() && v.GetTensorRawData() == data_ ? transposed_.data() : nullptr;
   }
+  int64_t rows() const { return rows_; }
 
   // fp32 view of `v` (count elements); `scratch` holds a conversion when one is needed.
   const float* get(const Ort::ConstValue& v, int64_t count, bool is_f16, const KernelSet& ks,
@@ -271,7 +275,8 @@ class FloatInput {
  private:
   const void* data_ = nullptr;
   std::vector<float> converted_;
-  std::vector<float> panels_;
+  std::vector<float> transposed_;
+  int64_t rows_ = 0;
 };
 
 // X [..., K] as fp32 rows of stride ldx >= ceil(K/8)*8 with a zeroed tail, as the sparse kernels require.
@@ -370,7 +375,7 @@ class SALRLinearKernel {
     weight_.init(info, label_, k_, 1, vtype, q);
     if (ks_.gemv_rows_q24 != nullptr) weight_.pack_int_path();
     a_.init(info, adapter_index_, x_f16, ks_);
-    b_.init(info, adapter_index_ + 1, x_f16, ks_, /*panels=*/true);
+    b_.init(info, adapter_index_ + 1, x_f16, ks_, /*transposed=*/true);
     bias_.init(info, adapter_index_ + 2, x_f16, ks_);
   }
 
@@ -408,7 +413,8 @@ class SALRLinearKernel {
     if (rank > 0) {
       ad.a = a_.get(a, rank * k_, x_f16_, ks_, a_tmp);
       ad.b = b_.get(b, n * rank, x_f16_, ks_, b_tmp);
-      ad.b_panels = b_.panels(b);
+      ad.b_t = b_.transposed(b);
+      ad.b_t_stride = b_.rows();
     }
     if (present(bias)) ad.bias = bias_.get(bias, n, x_f16_, ks_, bias_tmp);
     const int64_t ldx = w.width * 8;

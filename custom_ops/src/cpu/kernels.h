@@ -57,17 +57,18 @@ inline bool int_path_applies(const SparseWeight& w) {
 struct AdapterTerms {
   const float* a = nullptr;  // [rank, K]
   const float* b = nullptr;  // [N, rank]
-  // B in 8-row panels, when the caller keeps one (a constant B): panel p = B[8p : 8p + 8, :]^T, [rank, 8],
-  // zero rows past N. Batch 1 then adds B t to 8 outputs with rank FMAs over one contiguous panel instead of a
-  // rank-long dot product per output.
-  const float* b_panels = nullptr;
+  // B^T [rank, N] (row stride b_t_stride), when the caller keeps one (a constant B). Batch 1 then adds B t
+  // to 64 outputs at a time with rank x 8 independent FMAs over contiguous rows, instead of a rank-long dot
+  // product per output.
+  const float* b_t = nullptr;
+  int64_t b_t_stride = 0;
   int64_t rank = 0;
   const float* bias = nullptr;  // [N] or null
 };
 
 // Runs fn(arg, i) for i in [0, tasks), possibly in parallel; returns after all finished.
-// B [n, rank] as adapter panels (AdapterTerms::b_panels): ceil(n / 8) * 8 * rank floats.
-std::vector<float> adapter_panels(const float* b, int64_t n, int64_t rank);
+// B [n, rank] transposed (AdapterTerms::b_t, stride n): rank * n floats.
+std::vector<float> adapter_transposed(const float* b, int64_t n, int64_t rank);
 
 struct Runner {
   void (*run)(void* self, int64_t tasks, void (*fn)(void*, int64_t), void* arg) = nullptr;

@@ -442,11 +442,24 @@ inline void dot_block(int64_t len, const float* x, int64_t ldx, const float* w, 
 template <int MI>
 inline void dot_rows(int64_t n, int64_t len, const float* x, int64_t ldx, const float* w, int64_t ldw, float* y,
                      int64_t ldy, bool accumulate) {
-  // One activation row has a single FMA chain per output: four weight rows keep four chains in flight.
-  constexpr int kNJ = MI == 1 ? 4 : 2;
+  // One activation row has a single FMA chain per output: several weight rows keep several chains in flight,
+  // and a remainder runs as blocks, not row by row (batch-1 adapter inputs: rank 11 = 8 + 3 rows; three
+  // single-chain rows had cost more than the eight before them).
+  constexpr int kNJ = MI == 1 ? 8 : 2;
   int64_t j = 0;
   for (; j + kNJ <= n; j += kNJ) dot_block<MI, kNJ>(len, x, ldx, w + j * ldw, ldw, y + j, ldy, accumulate);
-  for (; j < n; ++j) dot_block<MI, 1>(len, x, ldx, w + j * ldw, ldw, y + j, ldy, accumulate);
+  if constexpr (kNJ > 4) {
+    if (n - j >= 4) {
+      dot_block<MI, 4>(len, x, ldx, w + j * ldw, ldw, y + j, ldy, accumulate);
+      j += 4;
+    }
+  }
+  switch (n - j) {
+    case 3: dot_block<MI, 3>(len, x, ldx, w + j * ldw, ldw, y + j, ldy, accumulate); break;
+    case 2: dot_block<MI, 2>(len, x, ldx, w + j * ldw, ldw, y + j, ldy, accumulate); break;
+    case 1: dot_block<MI, 1>(len, x, ldx, w + j * ldw, ldw, y + j, ldy, accumulate); break;
+    default: break;
+  }
 }
 
 void dot_nt(int64_t m, int64_t n, int64_t len, const float* x, int64_t ldx, const float* w, int64_t ldw, float* y,

@@ -35,8 +35,8 @@ constexpr int64_t kSerialAdapterMacs = 1 << 16;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Rows per task of a batch-1 pass: one contiguous run of rows per hardware thread (a multiple of 8, the
-// adapter panels' height). A batch-1 pass streams its weight once from DRAM, and every task boundary
+// Rows per task of a batch-1 pass: one contiguous run of rows per hardware thread (a multiple of 8: whole
+// vectors for the adapter epilogue). A batch-1 pass streams its weight once from DRAM, and every task boundary
 // restarts that stream cold and claims the pool's shared counter: SmolLM2 decode (210 small layers a token,
 // 2 threads) ran 0.94x, 1.09x and 1.21x of ORT int4 with 16-row, 64-row and two tasks per layer.
 int64_t gemv_chunk_rows(int64_t rows) {
@@ -45,30 +45,29 @@ int64_t gemv_chunk_rows(int64_t rows) {
 }
 
 // Adds (T B^T)[.., n0:n1] and bias[n0:n1] to y rows, T = X A^T [m, rank].
-// y[n0:n1] += B[n0:n1, :] t for one activation row, from B's 8-row panels (AdapterTerms::b_panels).
-void adapter_epilogue_panels(const KernelSet& ks, const AdapterTerms& ad, const float* t, float* y, int64_t n0,
-                             int64_t n1) {
-  thread_local std::vector<int32_t> panel_rows;
-  if (static_cast<int64_t>(panel_rows.size()) < ad.rank) {
-    panel_rows.resize(static_cast<size_t>(ad.rank));
-    for (size_t r = 0; r < panel_rows.size(); ++r) panel_rows[r] = static_cast<int32_t>(r);
+// y[n0:n1] += B[n0:n1, :] t for one activation row, from B^T (AdapterTerms::b_t): 64 outputs a call.
+void adapter_epilogue_transposed(const KernelSet& ks, const AdapterTerms& ad, const float* t, float* y, int64_t n0,
+                                 int64_t n1) {
+  thread_local std::vector<int32_t> rows;
+  if (static_cast<int64_t>(rows.size()) < ad.rank) {
+    rows.resize(static_cast<size_t>(ad.rank));
+    for (size_t r = 0; r < rows.size(); ++r) rows[r] = static_cast<int32_t>(r);
   }
-  for (int64_t n = n0; n < n1;) {
-    const float* panel = ad.b_panels + (n / 8) * 8 * ad.rank;
-    if (n % 8 == 0 && n + 8 <= n1) {
-      ks.axpy_block(panel_rows.data(), t, ad.rank, panel, 8, y + n, 1);
-      n += 8;
-    } else {
-      for (int64_t r = 0; r < ad.rank; ++r) y[n] += t[r] * panel[r * 8 + n % 8];
-      ++n;
-    }
+  int64_t n = n0;
+  while (n + 8 <= n1) {
+    const int nvec = static_cast<int>(std::min<int64_t>(8, (n1 - n) / 8));
+    ks.axpy_block(rows.data(), t, ad.rank, ad.b_t + n, ad.b_t_stride, y + n, nvec);
+    n += 8 * nvec;
+  }
+  for (; n < n1; ++n) {
+    for (int64_t r = 0; r < ad.rank; ++r) y[n] += t[r] * ad.b_t[r * ad.b_t_stride + n];
   }
 }
 
 void adapter_epilogue(const KernelSet& ks, const AdapterTerms& ad, const float* t, int64_t m, int64_t n_total,
                       float* y, int64_t n0, int64_t n1) {
-  if (ad.rank > 0 && m == 1 && ad.b_panels != nullptr) {
-    adapter_epilogue_panels(ks, ad, t, y, n0, n1);
+  if (ad.rank > 0 && m == 1 && ad.b_t != nullptr) {
+    adapter_epilogue_transposed(ks, ad, t, y, n0, n1);
   } else if (ad.rank > 0) {
     ks.dot_nt(m, n1 - n0, ad.rank, t, ad.rank, ad.b + n0 * ad.rank, ad.rank, y + n0, n_total, true);
   }
@@ -294,12 +293,12 @@ void dequant_task(void* arg, int64_t c) {
 
 }  // namespace
 
-std::vector<float> adapter_panels(const float* b, int64_t n, int64_t rank) {
-  std::vector<float> panels(static_cast<size_t>(ceil_div(n, 8) * 8 * rank), 0.f);
+std::vector<float> adapter_transposed(const float* b, int64_t n, int64_t rank) {
+  std::vector<float> bt(static_cast<size_t>(rank * n));
   for (int64_t i = 0; i < n; ++i) {
-    for (int64_t r = 0; r < rank; ++r) panels[(i / 8) * 8 * rank + r * 8 + i % 8] = b[i * rank + r];
+    for (int64_t r = 0; r < rank; ++r) bt[r * n + i] = b[i * rank + r];
   }
-  return panels;
+  return bt;
 }
 
 void dense_nt(const KernelSet& ks, int64_t m, int64_t n, int64_t len, const float* x, int64_t ldx, const float* w,
