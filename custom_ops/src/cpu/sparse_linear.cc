@@ -35,13 +35,19 @@ constexpr int64_t kSerialAdapterMacs = 1 << 16;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Rows per task of a batch-1 pass: one contiguous run of rows per hardware thread (a multiple of 8: whole
-// vectors for the adapter epilogue). A batch-1 pass streams its weight once from DRAM, and every task boundary
-// restarts that stream cold and claims the pool's shared counter: SmolLM2 decode (210 small layers a token,
-// 2 threads) ran 0.94x, 1.09x and 1.21x of ORT int4 with 16-row, 64-row and two tasks per layer.
-int64_t gemv_chunk_rows(int64_t rows) {
-  static const int64_t parts = std::max<int64_t>(1, std::thread::hardware_concurrency());
-  return ceil_div(ceil_div(rows, parts), 8) * 8;
+// Rows per task of a batch-1 pass, a multiple of 8 (whole vectors for the adapter epilogue); row_cost: the
+// row's steps (64 columns for the integer path, 8-byte bitmap groups for the float one). A batch-1 pass
+// streams its weight once from DRAM, and every task boundary restarts that stream cold and claims the pool's
+// shared counter: SmolLM2 decode (210 small layers a token, 2 threads) ran 0.94x, 1.09x and 1.21x of ORT
+// int4 with 16-row, 64-row and two tasks per layer. So one contiguous run of rows per hardware thread, and
+// up to 8 per thread, each of at least kGemvTaskCost steps, only where a layer is large enough that balancing
+// the threads' finishing times is worth a few cold starts.
+constexpr int64_t kGemvTaskCost = 16384;
+
+int64_t gemv_chunk_rows(int64_t rows, int64_t row_cost) {
+  static const int64_t threads = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  const int64_t per_thread = std::clamp<int64_t>(rows * row_cost / (kGemvTaskCost * threads), 1, 8);
+  return ceil_div(ceil_div(rows, threads * per_thread), 8) * 8;
 }
 
 // Adds (T B^T)[.., n0:n1] and bias[n0:n1] to y rows, T = X A^T [m, rank].
@@ -369,7 +375,7 @@ void quantized_linear(const KernelSet& ks, const SparseWeight& w, const AdapterT
     const Q24Activations xa = prepare_q24_activations(ks, x, w.cols, w.bits);
     job.xp = xa.xp.data();
     job.xs8 = xa.xs8.data();
-    job.chunk_rows = gemv_chunk_rows(w.rows);
+    job.chunk_rows = gemv_chunk_rows(w.rows, w.cols / 64);
     runner(ceil_div(w.rows, job.chunk_rows), gemv_q24_task, &job);
   } else {
     job.chunk_rows = kDequantChunkRows;
@@ -399,7 +405,7 @@ void sparse_linear(const KernelSet& ks, const SparseWeight& w, const AdapterTerm
     const std::vector<float> t = adapter_inputs(ks, w, ad, x, m, ldx, runner);
     job.t = t.data();
     if (m == 1) {
-      job.chunk_rows = gemv_chunk_rows(n);
+      job.chunk_rows = gemv_chunk_rows(n, w.width / 8);
       runner(ceil_div(n, job.chunk_rows), gemv_task, &job);
     } else {
       job.chunk_rows = kSmallChunkRows;
