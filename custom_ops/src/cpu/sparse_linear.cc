@@ -38,7 +38,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Rows per task of a batch-1 pass, a multiple of 8 (whole vectors for the adapter epilogue); row_cost: the
 // row's steps (64 columns for the integer path, 8-byte bitmap groups for the float one). A batch-1 pass
 // streams its weight once from DRAM, and every task boundary restarts that stream cold and claims the pool's
-// shared counter: SmolLM2 decode (210 small layers a token, 2 threads) ran 0.94x, 1.09x and 1.21x of ORT
+// shared counter: SmolLM2 decode (210 small layers a token, 2 threads) ran 0.94x, 1.10x and 1.21x of ORT
 // int4 with 16-row, 64-row and two tasks per layer. So one contiguous run of rows per hardware thread, and
 // up to 8 per thread, each of at least kGemvTaskCost steps, only where a layer is large enough that balancing
 // the threads' finishing times is worth a few cold starts.
