@@ -66,10 +66,10 @@ struct AdapterTerms {
   const float* bias = nullptr;  // [N] or null
 };
 
-// Runs fn(arg, i) for i in [0, tasks), possibly in parallel; returns after all finished.
 // B [n, rank] transposed (AdapterTerms::b_t, stride n): rank * n floats.
 std::vector<float> adapter_transposed(const float* b, int64_t n, int64_t rank);
 
+// Runs fn(arg, i) for i in [0, tasks), possibly in parallel; returns after all finished.
 struct Runner {
   void (*run)(void* self, int64_t tasks, void (*fn)(void*, int64_t), void* arg) = nullptr;
   void* self = nullptr;

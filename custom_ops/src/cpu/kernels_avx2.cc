@@ -609,8 +609,9 @@ inline __m256 step_dot(const uint8_t* p, __m256i x0, __m256i x1, const Q24Consta
 
 // ROWS rows of the integer path (two pairs, a pair, or a lone row), their step s at rp[r] + s * stride (rows
 // 2 and 3 are the next pair's, a second stream). Work and bytes follow the non-zeros: half the multiply-adds
-// of a dense int8 dot product, 28 bytes per 64 columns for int4. xs8 holds per step [A x4, B x4], the activation scales of the step's two 32-column blocks (over 16
-// for int4). Prefetches run `prefetch` bytes ahead.
+// of a dense int8 dot product, 28 bytes per 64 columns for int4. xs8 holds per step [A x4, B x4], the
+// activation scales of the step's two 32-column blocks (over 16 for int4). Prefetches run `prefetch` bytes
+// ahead in each stream.
 template <int BITS, int ROWS>
 inline void rows_q24(const uint8_t* const* rp, int64_t stride, int64_t prefetch, const int8_t* xp, const float* xs8,
                      int64_t steps, float* out) {
@@ -625,7 +626,9 @@ inline void rows_q24(const uint8_t* const* rp, int64_t stride, int64_t prefetch,
     const __m256 sx = _mm256_loadu_ps(xs8 + 8 * s);
     // unconditional: a branch here cost more than the repeated prefetch of a line
     _mm_prefetch(reinterpret_cast<const char*>(rp[0] + stride * s + prefetch), _MM_HINT_T0);
-    if constexpr (ROWS == 4) _mm_prefetch(reinterpret_cast<const char*>(rp[2] + stride * s + prefetch), _MM_HINT_T0);
+    if constexpr (ROWS == 4) {
+      _mm_prefetch(reinterpret_cast<const char*>(rp[2] + stride * s + prefetch), _MM_HINT_T0);
+    }
 #pragma GCC unroll 4  // the accumulators must stay in registers
     for (int r = 0; r < ROWS; ++r) {
       const uint8_t* p = rp[r] + stride * s;
