@@ -251,6 +251,29 @@ void check_quantized(std::mt19937& rng, int64_t n, int64_t k, int64_t m, int bit
   }
 }
 
+// The integer path's activation quantizer gives every set the same bytes, also for non-finite columns (a NaN
+// becomes -127 and leaves its block's scale alone; an infinity sets the scale).
+void check_quantize_q24_nonfinite() {
+  std::vector<float> x(128);
+  for (int64_t c = 0; c < 128; ++c) x[c] = 0.01f * static_cast<float>(c % 29) - 0.1f;
+  x[3] = std::nanf("");
+  x[40] = -std::nanf("");
+  x[70] = INFINITY;
+  for (int bits : {4, 8}) {
+    std::vector<int8_t> ref_p(128), p(128);
+    std::vector<float> ref_s(16), sc(16);
+    scalar_kernels().quantize_q24(x.data(), 128, bits, ref_p.data(), ref_s.data());
+    for (const KernelSet* ks : sets()) {
+      if (ks->quantize_q24 == nullptr || ks == &scalar_kernels()) continue;
+      ks->quantize_q24(x.data(), 128, bits, p.data(), sc.data());
+      const bool same = p == ref_p && std::memcmp(sc.data(), ref_s.data(), sizeof(float) * sc.size()) == 0;
+      std::printf("%s  %-6s quantize_q24 bits=%d with NaN / inf columns vs scalar\n", same ? "ok  " : "FAIL",
+                  ks->name, bits);
+      if (!same) ++failures;
+    }
+  }
+}
+
 void check_dense(std::mt19937& rng, int64_t m, int64_t n, int64_t len) {
   std::normal_distribution<float> g(0.f, 1.f);
   std::vector<float> x(m * len), w(n * len);
@@ -353,6 +376,7 @@ int main(int argc, char** argv) {
     check_quantized(rng, 83, 545, 5, bits, 32, 0.5, false);  // batch: whole-weight dequantization
     check_quantized(rng, 40, 128, 3, bits, 32, 0.5, true);
   }
+  check_quantize_q24_nonfinite();
   check_dense(rng, 1, 67, 301);
   check_dense(rng, 7, 5, 33);
   check_dense(rng, 19, 23, 64);
