@@ -34,10 +34,11 @@ def baseline_dir(source: str | None) -> Path:
 
 
 def _variant(name: str) -> str:
-    """Cache folder of a baseline: named after the exporter's default opset, so a new default rebuilds it."""
-    from ..export.exporter import DEFAULT_OPSET
+    """Cache folder of a baseline: named after the exporter's default opset and graph revision, so a change of
+    either rebuilds it."""
+    from ..export.exporter import DEFAULT_OPSET, GRAPH_REVISION
 
-    return f"{name}_opset{DEFAULT_OPSET}"
+    return f"{name}_opset{DEFAULT_OPSET}_r{GRAPH_REVISION}"
 
 
 def dense_baseline(source: str | None, refresh: bool = False) -> Path:

@@ -77,6 +77,21 @@ def test_exported_graph_is_valid_and_named(exported, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_attention_reads_the_grouped_kv_cache_without_repeating_it(exported, arch):
+    model = onnx.load(str(exported(arch).path), load_external_data=False)
+    producer = {out: node for node in model.graph.node for out in node.output}
+    attention = [n for n in model.graph.node if n.op_type == "Attention"]
+    assert len(attention) == 2
+    for node in attention:
+        for name in node.input[1:3]:  # K, V: the concatenated cache, reshaped at most, never expanded
+            ops = []
+            while name in producer and producer[name].op_type in ("Reshape", "Transpose", "Expand", "Unsqueeze"):
+                ops.append(producer[name].op_type)
+                name = producer[name].input[0]
+            assert "Expand" not in ops, f"{node.name}: K/V repeated to the query heads ({ops})"
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_a_tied_output_embedding_is_stored_once(exported, arch):
     e = exported(arch)
     model = onnx.load(str(e.path), load_external_data=False)
