@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "their bytes, cast back at load)")
     parser.add_argument("--lm-head", choices=["float", "int8", "int4"], default="float",
                         help="int8/int4: output projection (and a tied embedding) as ORT MatMulNBits 8/4-bit, block 32")
+    parser.add_argument("--no-fuse-linears", action="store_true",
+                        help="one node per compressed layer (default: layers reading the same input, q/k/v and "
+                             "gate/up, share one node)")
     parser.add_argument("--no-function-fallback", action="store_true",
                         help="omit the standard-ONNX function bodies (the model then needs the library)")
     parser.add_argument("--opset", type=int, default=None,
@@ -155,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
                           adapter_dtype=args.adapter_dtype, lm_head=args.lm_head,
                           function_fallback=not args.no_function_fallback,
                           genai_config=not args.no_genai_config, copy_library=not args.no_library_copy,
-                          values=args.values, group_size=args.group_size)
+                          values=args.values, group_size=args.group_size,
+                          fuse_linears=not args.no_fuse_linears)
     given = _compression_options_given(args)
     if given and (args.checkpoint is not None or args.method == "dense"):
         raise ValueError(f"{', '.join(given)} only apply when compressing (--method salr without --checkpoint)")
@@ -171,7 +175,8 @@ def run(args: argparse.Namespace) -> int:
     quantized = config.bits is not None or any(m.is_quantized for _, m in iter_sparse_lowrank(model))
     op = "SALRLinearQ" if quantized and config.method == "salr" else "SALRLinear"
     sys.stdout.write(f"wrote {result.model_path} ({total / 2**20:.1f} MiB with its weights, "
-                     f"{result.num_salr_nodes} {op} nodes) in {time.perf_counter() - start:.0f} s\n")
+                     f"{result.num_compressed_layers} compressed layers in {result.num_salr_nodes} {op} nodes) "
+                     f"in {time.perf_counter() - start:.0f} s\n")
     return 0
 
 

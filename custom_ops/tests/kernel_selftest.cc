@@ -178,6 +178,31 @@ void check_linear(std::mt19937& rng, int64_t n, int64_t k, int64_t m, int64_t ra
       expect_close((std::string(what) + " B^T").c_str(), *ks, y, ref, scale);
     }
   }
+  if (rank >= 3 && n >= 3) {  // block-diagonal B (layers fused by the exporter) read through its rank spans
+    std::vector<float> bd(b);
+    const int64_t row_cut[3] = {n / 3, n / 3 + n / 5, n};  // boundaries inside 8-output groups too
+    const int64_t rank_cut[3] = {rank / 3, 2 * rank / 3, rank};
+    for (int64_t r = 0, block = 0; r < n; ++r) {
+      while (r >= row_cut[block]) ++block;
+      const int64_t lo = block == 0 ? 0 : rank_cut[block - 1], hi = rank_cut[block];
+      for (int64_t q = 0; q < rank; ++q)
+        if (q < lo || q >= hi) bd[r * rank + q] = 0.f;
+    }
+    std::vector<double> ref_bd, scale_bd;
+    reference_linear(L.dense, n, k, x, ldx, m, a, bd, rank, bias, &ref_bd, &scale_bd);
+    const std::vector<float> bt = adapter_transposed(bd.data(), n, rank);
+    const std::vector<int32_t> spans = adapter_rank_spans(bd.data(), n, rank);
+    AdapterTerms adt = ad;
+    adt.b = bd.data();
+    adt.b_t = bt.data();
+    adt.b_t_stride = n;
+    adt.b_t_spans = spans.data();
+    for (const KernelSet* ks : sets()) {
+      std::vector<float> y(m * n, std::nanf(""));
+      sparse_linear(*ks, L.w, adt, x.data(), m, ldx, y.data(), serial_runner());
+      expect_close((std::string(what) + " block-diagonal B^T").c_str(), *ks, y, ref_bd, scale_bd);
+    }
+  }
   // BitmapDecode must be bit-exact.
   std::vector<uint16_t> o16(n * k);
   std::vector<float> o32(n * k);

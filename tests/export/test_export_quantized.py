@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -60,23 +61,37 @@ def test_quantized_layers_lower_to_salr_linear_q(quantized_export, case):
     arrays = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     layers = dict(iter_sparse_lowrank(model))
     nodes = [n for n in proto.graph.node if n.domain == ops_schema.SALR_DOMAIN]
-    assert len(nodes) == len(layers) == 14
+    seen = []
     for node in nodes:
         assert node.op_type == ops_schema.SALR_LINEAR_Q
-        name = node.name[1:].rsplit("/", 1)[0].replace("/", ".")
-        module = layers[name]
-        expected = [f"{name}.weight.bitmap", f"{name}.weight.values", f"{name}.weight.row_offsets",
-                    f"{name}.weight.scales", f"{name}.A_cat", f"{name}.B_cat"]
-        # Equal constants are stored once: 2:4 layers of one shape share their row offsets.
-        assert (arrays[node.input[3]] == module.to_bitmap().row_offsets.numpy()).all()
+        parent, projections = node.name[1:].rsplit("/", 1)[0].replace("/", ".").rsplit(".", 1)
+        names = [f"{parent}.{p}" for p in projections.split("+")]
+        seen += names
+        stored = [layers[n].to_bitmap() for n in names]
+        prefix = f"{parent}.{projections}"
+        has_bias = any(layers[n].bias is not None for n in names)
+        expected = [f"{prefix}.weight.bitmap", f"{prefix}.weight.values", f"{prefix}.weight.row_offsets",
+                    f"{prefix}.weight.scales", f"{prefix}.A_cat", f"{prefix}.B_cat"]
         inputs = list(node.input[1:])
+        # Equal constants are stored once: 2:4 layers of one shape share their row offsets.
         inputs[2] = expected[2]
-        assert inputs == expected + ([f"{name}.bias"] if module.bias is not None else [])
+        assert inputs == expected + ([f"{prefix}.bias"] if has_bias else [])
+        nnz = [int(t.row_offsets[-1]) for t in stored]
+        offsets = np.concatenate([[0]] + [t.row_offsets[1:].numpy() + sum(nnz[:i]) for i, t in enumerate(stored)])
+        assert (arrays[node.input[3]] == offsets).all()
+        assert (arrays[node.input[1]] == np.concatenate([t.bitmap.numpy() for t in stored])).all()
+        assert (arrays[node.input[2]] == np.concatenate([t.values.numpy() for t in stored])).all()
+        assert (arrays[node.input[4]] == np.concatenate([t.scales.numpy() for t in stored])).all()
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        assert attrs == {"in_features": module.in_features, "bits": module.bits, "group_size": group_size}
-        assert types[f"{name}.weight.values"] == INT_DTYPES[values]
-        assert types[f"{name}.weight.scales"] == onnx.TensorProto.FLOAT16
-    assert sum(len(n.input) == 8 for n in nodes) == (6 if arch == "qwen2" else 0)
+        assert attrs == {"in_features": layers[names[0]].in_features, "bits": layers[names[0]].bits,
+                         "group_size": group_size}
+        assert types[f"{prefix}.weight.values"] == INT_DTYPES[values]
+        assert types[f"{prefix}.weight.scales"] == onnx.TensorProto.FLOAT16
+    assert sorted(seen) == sorted(layers) and len(layers) == 14
+    # every q/k/v and gate/up group is fused when the members' values fill whole scale groups and bytes
+    aligned = all(int(layers[n].to_bitmap().row_offsets[-1]) % group_size == 0 for n in layers)
+    assert len(nodes) == 8 if aligned else 8 <= len(nodes) < 14
+    assert sum(len(n.input) == 8 for n in nodes) == (2 if arch == "qwen2" else 0)
     assert [(f.domain, f.name) for f in proto.functions] == [(ops_schema.SALR_DOMAIN, ops_schema.SALR_LINEAR_Q)]
 
 

@@ -20,7 +20,7 @@ from salr_edge.runtime import generate, make_session
 from .conftest import ARCHITECTURES, make_tiny_model
 from .helpers import assert_matches_pytorch, half_reference
 
-NODE_NAME = re.compile(r"^/model/layers\.\d+/(self_attn|mlp)/\w+_proj/SALRLinear$")
+NODE_NAME = re.compile(r"^/model/layers\.\d+/(self_attn|mlp)/\w+_proj(\+\w+_proj)*/SALRLinear$")
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -54,20 +54,27 @@ def test_exported_graph_is_valid_and_named(exported, arch):
 
     salr_nodes = [n for n in model.graph.node if n.domain == ops_schema.SALR_DOMAIN]
     compressed = dict(iter_sparse_lowrank(e.model))
-    assert len(salr_nodes) == len(compressed) == 14
+    assert len(compressed) == 14
+    # q/k/v and gate/up read one input each: one node per group, the others one node per layer
+    assert len(salr_nodes) == 8
+    members_seen = []
     for node in salr_nodes:
         assert node.op_type == ops_schema.SALR_LINEAR and NODE_NAME.match(node.name), node.name
-        module_name = node.name[1:].rsplit("/", 1)[0].replace("/", ".")
-        module = compressed[module_name]
-        prefix = module_name
+        parent, projections = node.name[1:].rsplit("/", 1)[0].replace("/", ".").rsplit(".", 1)
+        assert projections in ("q_proj+k_proj+v_proj", "o_proj", "gate_proj+up_proj", "down_proj")
+        members = [compressed[f"{parent}.{p}"] for p in projections.split("+")]
+        members_seen += [f"{parent}.{p}" for p in projections.split("+")]
+        prefix = f"{parent}.{projections}"
+        has_bias = any(m.bias is not None for m in members)
         expected = [f"{prefix}.weight.bitmap", f"{prefix}.weight.values", f"{prefix}.weight.row_offsets",
-                    f"{prefix}.A_cat", f"{prefix}.B_cat"] + ([f"{prefix}.bias"] if module.bias is not None else [])
+                    f"{prefix}.A_cat", f"{prefix}.B_cat"] + ([f"{prefix}.bias"] if has_bias else [])
         assert list(node.input[1:]) == expected
         assert node.output[0] == f"{node.name}/output_0"
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        assert attrs == {"in_features": module.in_features}
+        assert attrs == {"in_features": members[0].in_features}
+    assert sorted(members_seen) == sorted(compressed)
     has_bias = sum(len(n.input) == 7 for n in salr_nodes)
-    assert has_bias == (6 if arch == "qwen2" else 0)  # Qwen2's q/k/v projections carry a bias
+    assert has_bias == (2 if arch == "qwen2" else 0)  # Qwen2's q/k/v projections carry a bias
     # one model-local function, importing the model's own default opset
     default_opset = {o.domain: o.version for o in model.opset_import}[""]
     assert [(f.domain, f.name) for f in model.functions] == [(ops_schema.SALR_DOMAIN, ops_schema.SALR_LINEAR)]

@@ -249,8 +249,9 @@ class FloatInput {
       ks.f16_to_f32(static_cast<const uint16_t*>(data), converted_.data(), count);
     }
     if (transposed && shape.size() == 2) {
-      transposed_ = adapter_transposed(is_f16 ? converted_.data() : static_cast<const float*>(data), shape[0],
-                                       shape[1]);
+      const float* b = is_f16 ? converted_.data() : static_cast<const float*>(data);
+      transposed_ = adapter_transposed(b, shape[0], shape[1]);
+      spans_ = adapter_rank_spans(b, shape[0], shape[1]);
       rows_ = shape[0];
     }
   }
@@ -260,6 +261,8 @@ class FloatInput {
     return !transposed_.empty() && v.GetTensorRawData() == data_ ? transposed_.data() : nullptr;
   }
   int64_t rows() const { return rows_; }
+  // AdapterTerms::b_t_spans of the constant laid out by init(), valid where transposed(v) is.
+  const int32_t* spans() const { return spans_.data(); }
 
   // fp32 view of `v` (count elements); `scratch` holds a conversion when one is needed.
   const float* get(const Ort::ConstValue& v, int64_t count, bool is_f16, const KernelSet& ks,
@@ -276,6 +279,7 @@ class FloatInput {
   const void* data_ = nullptr;
   std::vector<float> converted_;
   std::vector<float> transposed_;
+  std::vector<int32_t> spans_;
   int64_t rows_ = 0;
 };
 
@@ -415,6 +419,7 @@ class SALRLinearKernel {
       ad.b = b_.get(b, n * rank, x_f16_, ks_, b_tmp);
       ad.b_t = b_.transposed(b);
       ad.b_t_stride = b_.rows();
+      if (ad.b_t != nullptr) ad.b_t_spans = b_.spans();
     }
     if (present(bias)) ad.bias = bias_.get(bias, n, x_f16_, ks_, bias_tmp);
     const int64_t ldx = w.width * 8;

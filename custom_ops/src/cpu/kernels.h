@@ -62,12 +62,17 @@ struct AdapterTerms {
   // product per output.
   const float* b_t = nullptr;
   int64_t b_t_stride = 0;
+  // Optional, with b_t: for each 8 outputs g, the ranks [spans[2g], spans[2g+1]) outside which B^T is zero
+  // there. A layer fused from several (block-diagonal B, export/fusion.py) then adds only its own ranks.
+  const int32_t* b_t_spans = nullptr;
   int64_t rank = 0;
   const float* bias = nullptr;  // [N] or null
 };
 
 // B [n, rank] transposed (AdapterTerms::b_t, stride n): rank * n floats.
 std::vector<float> adapter_transposed(const float* b, int64_t n, int64_t rank);
+// AdapterTerms::b_t_spans of B [n, rank]: 2 * ceil(n / 8) ints.
+std::vector<int32_t> adapter_rank_spans(const float* b, int64_t n, int64_t rank);
 
 // Runs fn(arg, i) for i in [0, tasks), possibly in parallel; returns after all finished.
 struct Runner {

@@ -62,7 +62,16 @@ void adapter_epilogue_transposed(const KernelSet& ks, const AdapterTerms& ad, co
   int64_t n = n0;
   while (n + 8 <= n1) {
     const int nvec = static_cast<int>(std::min<int64_t>(8, (n1 - n) / 8));
-    ks.axpy_block(rows.data(), t, ad.rank, ad.b_t + n, ad.b_t_stride, y + n, nvec);
+    int64_t r0 = 0, r1 = ad.rank;
+    if (ad.b_t_spans != nullptr && n % 8 == 0) {
+      r0 = ad.rank;
+      r1 = 0;
+      for (int64_t g = n / 8; g < n / 8 + nvec; ++g) {
+        r0 = std::min<int64_t>(r0, ad.b_t_spans[2 * g]);
+        r1 = std::max<int64_t>(r1, ad.b_t_spans[2 * g + 1]);
+      }
+    }
+    if (r1 > r0) ks.axpy_block(rows.data() + r0, t + r0, r1 - r0, ad.b_t + n, ad.b_t_stride, y + n, nvec);
     n += 8 * nvec;
   }
   for (; n < n1; ++n) {
@@ -305,6 +314,25 @@ std::vector<float> adapter_transposed(const float* b, int64_t n, int64_t rank) {
     for (int64_t r = 0; r < rank; ++r) bt[r * n + i] = b[i * rank + r];
   }
   return bt;
+}
+
+std::vector<int32_t> adapter_rank_spans(const float* b, int64_t n, int64_t rank) {
+  const int64_t groups = ceil_div(n, 8);
+  std::vector<int32_t> spans(static_cast<size_t>(2 * groups));
+  for (int64_t g = 0; g < groups; ++g) {
+    int64_t first = rank, end = 0;
+    for (int64_t i = 8 * g; i < std::min(n, 8 * g + 8); ++i) {
+      for (int64_t r = 0; r < rank; ++r) {
+        if (b[i * rank + r] != 0.f) {
+          first = std::min(first, r);
+          end = std::max(end, r + 1);
+        }
+      }
+    }
+    spans[2 * g] = static_cast<int32_t>(first < end ? first : 0);
+    spans[2 * g + 1] = static_cast<int32_t>(end);
+  }
+  return spans;
 }
 
 void dense_nt(const KernelSet& ks, int64_t m, int64_t n, int64_t len, const float* x, int64_t ldx, const float* w,
