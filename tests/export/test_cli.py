@@ -60,7 +60,7 @@ def test_fresh_salr_export_from_a_model_folder(tiny_dirs, tmp_path, capsys):
     out = tmp_path / "model.onnx"
     captured = _run_ok([str(out), "--model", str(tiny_dirs / "llama"), "--rank", "4", "--values-dtype", "fp32"],
                        capsys)
-    assert "14 SALRLinear nodes" in captured.out
+    assert "14 compressed layers in 8 SALRLinear nodes" in captured.out
     assert {p.name for p in tmp_path.iterdir()} >= {"model.onnx", "model.onnx.data", "genai_config.json",
                                                     "tokenizer.json"}
     # The same compression in PyTorch computes what the export computes (fp32 values: exact weights).
@@ -77,7 +77,7 @@ def test_fresh_int4_export_compresses_error_aware_into_salr_linear_q(tiny_dirs, 
     out = tmp_path / "model.onnx"
     captured = _run_ok([str(out), "--model", str(tiny_dirs / "llama"), "--rank", "4", "--granularity", "2:4",
                         "--values", "int4", "--group-size", "16", "--no-genai-config"], capsys)
-    assert "14 SALRLinearQ nodes" in captured.out
+    assert "14 compressed layers in 8 SALRLinearQ nodes" in captured.out
     # The same compression in PyTorch computes what the function bodies compute.
     model, _ = load_model(tiny_dirs / "llama")
     compress_(model, SALRConfig(sparsity=0.5, rank=4, lora_rank=0, granularity="2:4", values="int4", group_size=16),
@@ -90,7 +90,7 @@ def test_quantized_checkpoint_exports_as_stored(tiny_dirs, tmp_path, capsys, no_
 
     out = tmp_path / "q.onnx"
     captured = _run_ok([str(out), "--checkpoint", str(tiny_dirs / "qckpt"), "--no-genai-config"], capsys)
-    assert "14 SALRLinearQ nodes" in captured.out
+    assert "14 compressed layers in 8 SALRLinearQ nodes" in captured.out
     graph = onnx.load(str(out), load_external_data=False).graph
     attrs = {a.name: a.i for a in next(n for n in graph.node if n.op_type == "SALRLinearQ").attribute}
     assert attrs["bits"] == 8 and attrs["group_size"] == 16
@@ -101,7 +101,7 @@ def test_dense_export_is_the_uncompressed_model(tiny_dirs, tmp_path, capsys):
     out = tmp_path / "dense.onnx"
     captured = _run_ok([str(out), "--model", str(tiny_dirs / "llama"), "--method", "dense", "--no-genai-config"],
                        capsys)
-    assert "0 SALRLinear nodes" in captured.out
+    assert "0 compressed layers in 0 SALRLinear nodes" in captured.out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense.onnx", "dense.onnx.data"]
     from salr_edge.models import load_model
 
@@ -109,12 +109,12 @@ def test_dense_export_is_the_uncompressed_model(tiny_dirs, tmp_path, capsys):
     assert_matches_pytorch(make_session(out), model)
 
 
-def test_checkpoint_export_without_function_fallback(tiny_dirs, tmp_path, capsys):
+def test_checkpoint_export_without_function_fallback_or_fusion(tiny_dirs, tmp_path, capsys):
     from salr_edge.checkpoint import load_compressed
 
     out = tmp_path / "ckpt.onnx"
-    _run_ok([str(out), "--checkpoint", str(tiny_dirs / "ckpt"), "--no-function-fallback", "--no-genai-config"],
-            capsys)
+    _run_ok([str(out), "--checkpoint", str(tiny_dirs / "ckpt"), "--no-function-fallback", "--no-genai-config",
+             "--no-fuse-linears"], capsys)
     model = onnx.load(str(out), load_external_data=False)
     assert not model.functions
     assert sum(n.op_type == "SALRLinear" for n in model.graph.node) == 14
@@ -130,7 +130,7 @@ def test_salaad_checkpoint_export_is_cut_to_the_budget(tiny_dirs, tmp_path, caps
     out = tmp_path / "salaad.onnx"
     captured = _run_ok([str(out), "--checkpoint", str(tiny_dirs / "salaad"), "--budget", "0.5", "--no-genai-config"],
                        capsys)
-    assert "14 SALRLinear nodes" in captured.out
+    assert "14 compressed layers in 8 SALRLinear nodes" in captured.out
     model = extract(tiny_dirs / "salaad", "0.5")
     assert model.salr_metadata["config"]["extraction"]["budget"]["value"] == 0.5
     assert_matches_pytorch(make_session(out), model)
