@@ -229,7 +229,7 @@ class BitmapWeightInput {
   bool constant_ = false;
   SparseWeight cached_;
   std::vector<int64_t> cached_shapes_[4];
-  std::vector<uint8_t> packed_;
+  LargeBytes packed_;
 };
 
 // A float input (adapter factor, bias) needed in fp32. A constant fp16 initializer is converted once; a

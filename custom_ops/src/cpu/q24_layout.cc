@@ -4,9 +4,9 @@
 
 namespace salr {
 
-std::vector<uint8_t> pack_q24(const SparseWeight& w) {
+LargeBytes pack_q24(const SparseWeight& w) {
   const int64_t steps = w.cols / 64;
-  std::vector<uint8_t> out(static_cast<size_t>(w.rows * steps * q24_step_bytes(w.bits)));
+  LargeBytes out(static_cast<size_t>(w.rows * steps * q24_step_bytes(w.bits)));
   for (int64_t n = 0; n < w.rows; ++n) {
     const uint8_t* row = w.bitmap + n * w.width;
     int64_t pos = w.row_offsets[n];

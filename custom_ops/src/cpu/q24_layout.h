@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "large_pages.h"
 
 namespace salr {
 
@@ -40,7 +41,7 @@ inline int64_t q24_step_offset(const SparseWeight& w, int64_t n, int64_t s) {
 }
 
 // The packed copy of a weight for which int_path_applies(w) holds.
-std::vector<uint8_t> pack_q24(const SparseWeight& w);
+LargeBytes pack_q24(const SparseWeight& w);
 
 // The integer path's activations for one row x [K], prepared once per call (by the set's quantize_q24):
 // quantized to int8 per 32-column block, then per 64-column step the int8 columns in the order 0-15, 32-47,

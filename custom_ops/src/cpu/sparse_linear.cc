@@ -394,7 +394,7 @@ void quantized_linear(const KernelSet& ks, const SparseWeight& w, const AdapterT
   job.t = t.data();
   if (ks.gemv_rows_q24 != nullptr && int_path_applies(w)) {
     SparseWeight packed = w;
-    std::vector<uint8_t> per_call;
+    LargeBytes per_call;
     if (packed.q24 == nullptr) {  // a weight that is not a constant initializer: packed for this call only
       per_call = pack_q24(w);
       packed.q24 = per_call.data();
