@@ -47,6 +47,7 @@ from salr_edge.modules.sparse_lowrank_linear import SparseLowRankLinear, iter_sp
 
 from . import ops_schema
 from .architectures import ArchitectureSpec, KVLayout, get_architecture, kv_layout
+from .attention_layout import fold_attention_layout
 from .fusion import fuse_shared_input_linears
 from .quantized_head import quantized_head_replacements
 
@@ -60,7 +61,7 @@ LM_HEADS = ("float", "int8", "int4")
 DEFAULT_OPSET = 23
 # Bumped whenever the exported graph changes for the same model and settings, so cached exports (the
 # benchmark baselines) are rebuilt. 2: grouped K/V passed to Attention as they are (no repeated KV cache).
-GRAPH_REVISION = 2
+GRAPH_REVISION = 3
 # transformers' SDPA attention repeats K and V to the query heads (an Expand of the whole KV cache in every
 # layer, every step) unless this is set; then it calls SDPA with enable_gqa, which torch's exporter lowers to
 # ONNX Attention with the grouped K/V. Same logits; SmolLM2 (3 KV heads for 9) dense fp32 decoded 2-3 ms a
@@ -788,6 +789,7 @@ def export_onnx(model: nn.Module, output_path: str | os.PathLike, config: Export
         if config.fuse_linears:
             fused_layers, fused_nodes = fuse_shared_input_linears(ir_model)
             logger.info("%d layers that share an input fused into %d nodes", fused_layers, fused_nodes)
+        logger.info("attention blocks given 3-D projections and the KV cache: %d", fold_attention_layout(ir_model))
         for node in ir_model.graph:
             # The tracer's per-node provenance (module stack, FX node text) is now in the node names;
             # kept, it is most of the graph file (SmolLM2: ~4 of 5 MB).

@@ -99,6 +99,24 @@ def test_attention_reads_the_grouped_kv_cache_without_repeating_it(exported, arc
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_attention_takes_3d_projections_and_appends_the_kv_cache_itself(exported, arch):
+    model = onnx.load(str(exported(arch).path), load_external_data=False)
+    producer = {out: node for node in model.graph.node for out in node.output}
+    outputs = {o.name for o in model.graph.output}
+    attention = [n for n in model.graph.node if n.op_type == "Attention"]
+    assert len(attention) == 2
+    for i, node in enumerate(attention):
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert (attrs["q_num_heads"], attrs["kv_num_heads"]) == (4, 2)
+        assert list(node.input[4:6]) == [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        assert list(node.output[1:3]) == [f"present.{i}.key", f"present.{i}.value"] and set(node.output[1:]) <= outputs
+        # q and k reach Attention through RotaryEmbedding only, v straight from its projection: no layout copies
+        for name in node.input[:3]:
+            assert producer[name].op_type in ("RotaryEmbedding", "Split", "SALRLinear"), producer[name].op_type
+    assert not any(n.op_type in ("Transpose", "Concat") and set(n.output) & outputs for n in model.graph.node)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_a_tied_output_embedding_is_stored_once(exported, arch):
     e = exported(arch)
     model = onnx.load(str(e.path), load_external_data=False)
