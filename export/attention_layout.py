@@ -15,10 +15,6 @@ rotary on v, ...) is left alone.
 
 from __future__ import annotations
 
-import logging
-
-logger = logging.getLogger(__name__)
-
 _HEADS_PERM = (0, 2, 1, 3)
 
 

@@ -55,12 +55,13 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("salr", "dense")
 LM_HEADS = ("float", "int8", "int4")
-# At opset 23 torch's exporter emits RMSNormalization, RotaryEmbedding and Attention (grouped-query, with the
-# past concatenated) instead of ~40 elementwise/reshape nodes per layer, and ORT runs them as fused kernels
-# (checked on ORT 1.32). A runtime without opset 23 needs `opset=18`.
+# At opset 23 torch's exporter emits RMSNormalization, RotaryEmbedding and Attention (grouped-query; the
+# exporter then hands it the KV cache, `attention_layout`) instead of ~40 elementwise/reshape nodes per layer,
+# and ORT runs them as fused kernels (checked on ORT 1.32). A runtime without opset 23 needs `opset=18`.
 DEFAULT_OPSET = 23
 # Bumped whenever the exported graph changes for the same model and settings, so cached exports (the
 # benchmark baselines) are rebuilt. 2: grouped K/V passed to Attention as they are (no repeated KV cache).
+# 3: Attention takes 3-D q/k/v and appends the KV cache itself (`attention_layout`).
 GRAPH_REVISION = 3
 # transformers' SDPA attention repeats K and V to the query heads (an Expand of the whole KV cache in every
 # layer, every step) unless this is set; then it calls SDPA with enable_gqa, which torch's exporter lowers to

@@ -22,13 +22,9 @@ left as they are.
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 
 from . import ops_schema
-
-logger = logging.getLogger(__name__)
 
 # Input positions of each fusable op: the weight tensors, then the adapters, then the optional bias.
 _WEIGHTS = {ops_schema.SALR_LINEAR: ("bitmap", "values", "row_offsets"),
