@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--svd-method", choices=["full", "randomized"], default="full")
     parser.add_argument("--svd-rank-cap", type=float, default=0.5,
                         help="randomized SVD: fraction of min(d, k) computed (must cover the rank targets)")
+    parser.add_argument("--sparse-step", choices=["soft", "hard"], default="soft",
+                        help="S step: soft thresholding (the method) or the target density's largest entries")
     parser.add_argument("--skip-train", action="store_true", help="reuse the SALAAD checkpoint in --workdir")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --output and skip them")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                           target_density_attn=args.target_density_attn, target_density_mlp=args.target_density_mlp,
                           admm_every=args.admm_every, rho=args.rho, rho_schedule=args.rho_schedule,
                           rho_max=max(args.rho_max, args.rho), svd_method=args.svd_method,
-                          svd_rank_cap=args.svd_rank_cap)
+                          svd_rank_cap=args.svd_rank_cap, sparse_step=args.sparse_step)
     structure = predicted_fraction(config, base, names)
     if structure < max(budgets):
         logger.warning("the targets give a structure of %.3f of dense, below the largest budget %.2f: budgets above "

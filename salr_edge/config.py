@@ -151,6 +151,8 @@ class SALRConfig(_ConfigMixin):
 
 
 RHO_SCHEDULES = ("fixed", "shape", "ramp")
+# S step of an ADMM round: soft thresholding (the method) or the projection onto a fixed density
+SPARSE_STEPS = ("soft", "hard")
 
 
 def _check_fraction(name: str, value: Any, optional: bool = False) -> None:
@@ -199,6 +201,10 @@ class SALAADConfig(_ConfigMixin):
             top ceil(svd_rank_cap · min(d, k)) singular triplets, `svd_niter` power iterations).
         svd_rank_cap: fraction of min(d, k) computed by the randomized SVD; must cover the rank targets.
         energy: energy fraction that defines the effective rank (0.999: 99.9% of Σσ²).
+        sparse_step: "soft" (the method: S ← soft thresholding at β/ρ, β steered to the target density) or
+            "hard" (S ← the target density's largest-magnitude entries of X − L + Y/ρ, unshrunk: the
+            projection onto "at most that many non-zeros", so S's support is a magnitude support and the
+            density is exact every round; β then plays no part).
         target_modules, exclude_modules: PEFT-style targeting, as in `SALRConfig`.
     """
 
@@ -223,6 +229,7 @@ class SALAADConfig(_ConfigMixin):
     svd_rank_cap: float = 0.5
     svd_niter: int = 2
     energy: float = 0.999
+    sparse_step: str = "soft"
     target_modules: TargetSpec = "all-linear"
     exclude_modules: TargetSpec = None
     version: int = 1
@@ -230,6 +237,8 @@ class SALAADConfig(_ConfigMixin):
     VERSION: ClassVar[int] = 1
 
     def __post_init__(self) -> None:
+        if self.sparse_step not in SPARSE_STEPS:
+            raise ValueError(f"sparse_step must be one of {SPARSE_STEPS}, got {self.sparse_step!r}")
         for name in ("target_rank_ratio", "target_density", "energy", "svd_rank_cap"):
             _check_fraction(name, getattr(self, name))
         for name in ("target_rank_ratio_attn", "target_rank_ratio_mlp", "target_density_attn", "target_density_mlp"):

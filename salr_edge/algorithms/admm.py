@@ -48,6 +48,21 @@ def soft_threshold(x: torch.Tensor, tau: float) -> torch.Tensor:
     return torch.sign(x) * torch.clamp(x.abs() - tau, min=0.0)
 
 
+def hard_threshold(x: torch.Tensor, keep: float) -> torch.Tensor:
+    """`x` with all but its round(keep · numel) largest-magnitude entries zeroed: the projection onto
+    matrices with at most that many non-zeros (the proximal map of that constraint's indicator)."""
+    if not 0.0 <= keep <= 1.0:
+        raise ValueError(f"keep must be a fraction in [0, 1], got {keep}")
+    count = int(round(keep * x.numel()))
+    if count >= x.numel():
+        return x.clone()
+    out = torch.zeros_like(x)
+    if count > 0:
+        index = torch.topk(x.abs().flatten(), count).indices
+        out.view(-1)[index] = x.flatten()[index]
+    return out
+
+
 def randomized_svd(m: torch.Tensor, q: int, niter: int = 2, generator: torch.Generator | None = None,
                    oversample: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-`q` singular triplets of `m` [d, k] by a seeded randomized range finder (Halko et al.).
@@ -136,7 +151,8 @@ class RoundResult:
 @torch.no_grad()
 def admm_round(x: torch.Tensor, sparse: torch.Tensor, dual: torch.Tensor, alpha: float, beta: float, rho: float,
                energy: float = 0.999, svd_method: str = "full", max_rank: int | None = None, niter: int = 2,
-               generator: torch.Generator | None = None, update_dual: bool = True) -> RoundResult:
+               generator: torch.Generator | None = None, update_dual: bool = True,
+               keep: float | None = None) -> RoundResult:
     """One ADMM round (L, then S, then Y) for one matrix, in fp32.
 
     Args:
@@ -144,11 +160,14 @@ def admm_round(x: torch.Tensor, sparse: torch.Tensor, dual: torch.Tensor, alpha:
         sparse, dual: S and Y from the previous round.
         alpha, beta, rho: the nuclear-norm and ℓ1 weights and the penalty weight (thresholds α/ρ, β/ρ).
         update_dual: False skips the Y step (used to initialize L and S from X with Y = 0).
+        keep: None: the S step soft-thresholds at β/ρ; a fraction: it keeps that fraction of entries
+            (`hard_threshold`) and β is not used.
     """
     x = x.detach().float()
     low = singular_value_threshold(x - sparse + dual / rho, alpha / rho, svd_method, max_rank, niter, generator)
     low_dense = low.dense()
-    sparse = soft_threshold(x - low_dense + dual / rho, beta / rho)
+    residual = x - low_dense + dual / rho
+    sparse = soft_threshold(residual, beta / rho) if keep is None else hard_threshold(residual, keep)
     gap = x - low_dense - sparse  # (d, k)
     if update_dual:
         dual = dual + rho * gap

@@ -184,7 +184,8 @@ def initialize_state(config: SALAADConfig, state: MatrixState, weight: torch.Ten
     rest = x - low.dense()
     tau_s = admm.threshold_for_density(rest, state.target_density) if config.beta0 is None \
         else config.beta0 * state.entry_scale
-    sparse = admm.soft_threshold(rest, tau_s)
+    sparse = admm.soft_threshold(rest, tau_s) if config.sparse_step == "soft" else \
+        admm.hard_threshold(rest, state.target_density)
     state.L, state.S, state.Y = low, sparse, torch.zeros_like(x)
     # a zero threshold (a target of 1, or a degenerate matrix) would freeze the log-domain controller
     tau_l = max(tau_l, 1e-6 * state.sigma_scale, 1e-30)
@@ -202,8 +203,10 @@ def initialize_state(config: SALAADConfig, state: MatrixState, weight: torch.Ten
 def run_round(config: SALAADConfig, state: MatrixState, weight: torch.Tensor) -> None:
     """One ADMM round, then the controller and the ρ schedule (thresholds α/ρ, β/ρ kept across a ρ change)."""
     assert state.S is not None and state.Y is not None
+    keep = state.target_density if config.sparse_step == "hard" else None
     result = admm.admm_round(weight, state.S, state.Y, state.alpha, state.beta, state.rho, config.energy,
-                             config.svd_method, _svd_rank(config, state.shape), config.svd_niter, _generator(state))
+                             config.svd_method, _svd_rank(config, state.shape), config.svd_niter, _generator(state),
+                             keep=keep)
     state.L, state.S, state.Y = result.L, result.S, result.Y
     state.prev_rank_ratio, state.prev_density = state.rank_ratio, state.density
     state.rank_ratio, state.density = result.rank_ratio, result.density

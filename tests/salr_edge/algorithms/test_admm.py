@@ -95,6 +95,24 @@ def test_one_admm_round_follows_the_update_formulas():
     assert torch.equal(kept.Y, dual)
 
 
+def test_hard_threshold_keeps_exactly_the_largest_entries_unshrunk():
+    x = torch.tensor([[0.5, -3.0, 0.1], [2.0, -0.2, 1.0]])
+    torch.testing.assert_close(admm.hard_threshold(x, 0.5), torch.tensor([[0.0, -3.0, 0.0], [2.0, 0.0, 1.0]]))
+    assert torch.equal(admm.hard_threshold(x, 1.0), x)
+    assert not admm.hard_threshold(x, 0.0).any()
+    with pytest.raises(ValueError, match="keep must be a fraction"):
+        admm.hard_threshold(x, 1.5)
+
+
+def test_a_hard_round_keeps_the_target_density_of_the_residual_and_ignores_beta():
+    x, sparse, dual = torch.randn(13, 9), 0.1 * torch.randn(13, 9), 0.05 * torch.randn(13, 9)
+    alpha, rho = 0.4, 0.5
+    result = admm.admm_round(x, sparse, dual, alpha, 123.0, rho, keep=0.3)
+    low = admm.singular_value_threshold(x - sparse + dual / rho, alpha / rho).dense()
+    torch.testing.assert_close(result.S, admm.hard_threshold(x - low + dual / rho, 0.3), atol=ATOL, rtol=RTOL)
+    assert result.density == pytest.approx(round(0.3 * 117) / 117)
+
+
 def test_controller_raises_above_target_lowers_below_and_damps_one_sided():
     assert admm.controller_step(1.0, 0.5, 0.3, 2.0) == pytest.approx(math.exp(0.4))
     assert admm.controller_step(1.0, 0.1, 0.3, 2.0) == pytest.approx(math.exp(-0.4))

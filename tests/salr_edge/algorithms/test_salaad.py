@@ -60,6 +60,7 @@ def test_config_json_round_trip_and_per_kind_targets():
     (dict(target_density_attn=2.0), "target_density_attn must be in"),
     (dict(rho=0.0), "rho must be positive"),
     (dict(rho_schedule="cosine"), "rho_schedule must be one of"),
+    (dict(sparse_step="l0"), "sparse_step must be one of"),
     (dict(rho=0.1, rho_max=0.01), "rho_max must be >= rho"),
     (dict(rho_growth=0.9), "rho_growth must be >= 1"),
     (dict(admm_every=0), "admm_every must be a positive integer"),
@@ -94,6 +95,20 @@ def test_controller_drives_a_toy_matrix_to_its_rank_and_density_targets(mu):
     assert state.rank_ratio == pytest.approx(0.2, abs=0.03)
     assert state.density == pytest.approx(0.1, abs=0.02)
     assert state.residual < 1e-2 * float(w.norm())  # X = L + S reached
+
+
+def test_the_hard_sparse_step_holds_the_density_and_closes_the_gap():
+    w = torch.randn(60, 45, generator=torch.Generator().manual_seed(0)) / math.sqrt(45)
+    cfg = SALAADConfig(target_rank_ratio=0.2, target_density=0.1, rho=1.0, rho_schedule="fixed", sparse_step="hard")
+    state = MatrixState("toy", 0, (60, 45), "other", 0.2, 0.1)
+    initialize_state(cfg, state, w)
+    assert state.density == pytest.approx(0.1, abs=1 / w.numel())
+    for _ in range(60):
+        x = (0.1 * w + state.rho * state.target) / (0.1 + state.rho)
+        run_round(cfg, state, x)
+        assert state.density == pytest.approx(0.1, abs=1 / w.numel())
+    assert state.rank_ratio == pytest.approx(0.2, abs=0.03)
+    assert state.residual < 1e-2 * float(w.norm())
 
 
 def test_rho_schedules():
