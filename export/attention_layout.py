@@ -140,12 +140,12 @@ def fold_attention_layout(ir_model) -> int:
     Returns:
         Number of blocks rewritten.
     """
-    import onnx_ir as ir
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
 
     graph = ir_model.graph
     rewritten = sum(_rewrite(graph, node) for node in list(graph)
                     if node.op_type == "Attention" and node.domain in ("", "ai.onnx"))
     if rewritten:
         # the shape arithmetic that fed the removed Reshapes
-        ir.passes.common.RemoveUnusedNodesPass()(ir_model)
+        RemoveUnusedNodesPass()(ir_model)
     return rewritten

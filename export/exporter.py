@@ -61,8 +61,8 @@ LM_HEADS = ("float", "int8", "int4")
 DEFAULT_OPSET = 23
 # Bumped whenever the exported graph changes for the same model and settings, so cached exports (the
 # benchmark baselines) are rebuilt. 2: grouped K/V passed to Attention as they are (no repeated KV cache).
-# 3: Attention takes 3-D q/k/v and appends the KV cache itself (`attention_layout`).
-GRAPH_REVISION = 3
+# 3: Attention takes 3-D q/k/v and appends the KV cache itself (`attention_layout`). 4: repeated nodes merged.
+GRAPH_REVISION = 4
 # transformers' SDPA attention repeats K and V to the query heads (an Expand of the whole KV cache in every
 # layer, every step) unless this is set; then it calls SDPA with enable_gqa, which torch's exporter lowers to
 # ONNX Attention with the grouped K/V. Same logits; SmolLM2 (3 KV heads for 9) dense fp32 decoded 2-3 ms a
@@ -699,6 +699,20 @@ def _add_functions(ir_model, used_ops: set[str]) -> None:
         ir_model.functions[function.identifier()] = function
 
 
+def _merge_repeated_nodes(ir_model) -> None:
+    """One node for each computation the trace repeats on the same inputs.
+
+    transformers computes the rotary cos/sin inside every attention layer, so the trace holds 2 Cos + 2 Sin
+    per layer of one shared angle tensor (SmolLM2: 118 redundant nodes run every step).
+    """
+    from onnx_ir.passes.common import CommonSubexpressionEliminationPass, RemoveUnusedNodesPass
+
+    before = len(ir_model.graph)
+    CommonSubexpressionEliminationPass()(ir_model)
+    RemoveUnusedNodesPass()(ir_model)
+    logger.info("repeated computations merged: %d nodes fewer", before - len(ir_model.graph))
+
+
 def _count_salr_nodes(ir_model) -> int:
     return sum(1 for node in ir_model.graph if node.op_type in ops_schema.LINEAR_OPS
                and node.domain == ops_schema.SALR_DOMAIN)
@@ -791,6 +805,7 @@ def export_onnx(model: nn.Module, output_path: str | os.PathLike, config: Export
             fused_layers, fused_nodes = fuse_shared_input_linears(ir_model)
             logger.info("%d layers that share an input fused into %d nodes", fused_layers, fused_nodes)
         logger.info("attention blocks given 3-D projections and the KV cache: %d", fold_attention_layout(ir_model))
+        _merge_repeated_nodes(ir_model)
         for node in ir_model.graph:
             # The tracer's per-node provenance (module stack, FX node text) is now in the node names;
             # kept, it is most of the graph file (SmolLM2: ~4 of 5 MB).

@@ -117,6 +117,13 @@ def test_attention_takes_3d_projections_and_appends_the_kv_cache_itself(exported
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_rotary_cos_and_sin_are_computed_once_for_all_layers(exported, arch):
+    model = onnx.load(str(exported(arch).path), load_external_data=False)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("Cos") == 1 and ops.count("Sin") == 1 and ops.count("RotaryEmbedding") == 4
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_a_tied_output_embedding_is_stored_once(exported, arch):
     e = exported(arch)
     model = onnx.load(str(e.path), load_external_data=False)
