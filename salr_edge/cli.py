@@ -105,7 +105,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 _SALAAD_FLAGS = ("target_rank_ratio", "target_density", "target_rank_ratio_attn", "target_rank_ratio_mlp",
                  "target_density_attn", "target_density_mlp", "admm_every", "rho", "rho_schedule", "rho_growth",
                  "rho_max", "alpha0", "beta0", "alpha_gain", "beta_gain", "damping", "damping_after", "svd_method",
-                 "svd_rank_cap", "svd_niter", "energy", "target_modules", "exclude_modules")
+                 "svd_rank_cap", "svd_niter", "energy", "sparse_step", "target_modules", "exclude_modules")
 
 
 def cmd_salaad_train(args: argparse.Namespace) -> int:
@@ -249,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="SALAADConfig." + name + " (default: the config's)")
     p.add_argument("--rho-schedule", choices=["fixed", "shape", "ramp"], default=None)
     p.add_argument("--svd-method", choices=["full", "randomized"], default=None)
+    p.add_argument("--sparse-step", choices=["soft", "hard"], default=None,
+                   help="S step: soft thresholding (default, the method) or the target density's largest entries")
     p.add_argument("--target-modules", type=_targets, default=None,
                    help="'all-linear', a regex, or a comma-separated list of module names/suffixes")
     p.add_argument("--exclude-modules", type=_targets, default=None)
