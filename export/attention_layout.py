@@ -5,9 +5,9 @@ q, k and v is reshaped to [B, S, heads, D] and transposed to [B, heads, S, D], r
 the new k and v are appended to the cache by a `Concat` per tensor, and the output is transposed and reshaped
 back to [B, S, heads·D]. `Attention` and `RotaryEmbedding` both accept the 3-D [B, S, heads·D] layout given
 their head counts, and `Attention` appends to the cache itself (`past_key`/`past_value` in, `present_key`/
-`present_value` out). This pass rewrites each block to that form: per layer and step, 6 Reshapes, 4
-Transposes and 2 Concats fewer (and the copies they make), with the same outputs: the graph's
-`present.{i}.key/value` are now the `Attention` node's own outputs.
+`present_value` out). This pass rewrites each block to that form: per layer and step, 4 Reshapes, 4
+Transposes and 2 Concats fewer (and the copies they make), plus the shape arithmetic that fed the Reshapes,
+with the same outputs: the graph's `present.{i}.key/value` are now the `Attention` node's own outputs.
 
 A block that does not match the pattern exactly (another consumer of an intermediate, a different permutation,
 rotary on v, ...) is left alone.
@@ -82,7 +82,7 @@ def _rewrite(graph, attention) -> bool:
     key_concat, past_key, new_key = key
     value_concat, past_value, new_value = value
     # present K/V: the graph outputs, read by this Attention and nothing else
-    for present, concat in ((inputs[1], key_concat), (inputs[2], value_concat)):
+    for present in inputs[1:3]:
         if not present.is_graph_output() or [u.node for u in present.uses()] != [attention]:
             return False
     k = _rotary_over_heads(new_key, key_concat)
@@ -95,6 +95,9 @@ def _rewrite(graph, attention) -> bool:
         return False
     out_reshape = next(iter(out_t.outputs[0].uses())).node
     if out_reshape.op_type != "Reshape" or out_reshape.inputs[0] is not out_t.outputs[0]:
+        return False
+    # the Reshape must merge the heads back into [B, S, heads·D], the layout 3-D Attention returns
+    if out_reshape.outputs[0].shape is not None and len(out_reshape.outputs[0].shape) != 3:
         return False
     q_rotary, q3, q_nodes = q
     k_rotary, k3, k_nodes = k
