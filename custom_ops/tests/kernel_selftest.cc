@@ -203,6 +203,37 @@ void check_linear(std::mt19937& rng, int64_t n, int64_t k, int64_t m, int64_t ra
       expect_close((std::string(what) + " block-diagonal B^T").c_str(), *ks, y, ref_bd, scale_bd);
     }
   }
+  if (rank > 0) {  // compact fp16 adapters (factors exactly fp16; block-diagonal B when rank >= 3)
+    std::vector<float> a16(a), b16(b);
+    for (auto& v : a16) v = half_to_float(float_to_half(v));
+    for (int64_t r = 0; r < n; ++r) {
+      for (int64_t q = 0; q < rank; ++q) {
+        float& v = b16[r * rank + q];
+        v = half_to_float(float_to_half(v));
+        if (rank >= 3 && q * 3 / rank != r * 3 / n) v = 0.f;  // three diagonal blocks
+      }
+    }
+    std::vector<double> ref16, scale16;
+    reference_linear(L.dense, n, k, x, ldx, m, a16, b16, rank, bias, &ref16, &scale16);
+    const AdapterPanelStore store = adapter_panels(a16.data(), b16.data(), n, k, rank);
+    if (store.a.empty()) {
+      ++failures;
+      std::printf("FAIL %s: fp16-exact adapters got no compact form\n", what);
+    }
+    AdapterTerms adp = ad;
+    adp.a = a16.data();
+    adp.b = b16.data();
+    adp.panels = store.view();
+    for (const KernelSet* ks : sets()) {
+      std::vector<float> y(m * n, std::nanf(""));
+      sparse_linear(*ks, L.w, adp, x.data(), m, ldx, y.data(), serial_runner());
+      expect_close((std::string(what) + " fp16 panels").c_str(), *ks, y, ref16, scale16);
+    }
+    if (!adapter_panels(a.data(), b.data(), n, k, rank).a.empty() && rank * k > 8) {
+      ++failures;
+      std::printf("FAIL %s: adapters that are not fp16 values got a compact form\n", what);
+    }
+  }
   // BitmapDecode must be bit-exact.
   std::vector<uint16_t> o16(n * k);
   std::vector<float> o32(n * k);
@@ -272,6 +303,26 @@ void check_quantized(std::mt19937& rng, int64_t n, int64_t k, int64_t m, int bit
     expect_close(what, *ks, y, ref, scale, own_int_path ? 1e-2 : 1e-5);
     if (own_int_path && ks != &scalar_kernels()) {
       expect_close("  ... vs the scalar integer path", *ks, y, scalar_ref, scale);
+    }
+  }
+  if (m == 1) {  // with compact fp16 adapters (rank 3), read by the same batch-1 tasks
+    const int64_t rank = 3;
+    std::vector<float> a(rank * k), b(n * rank);
+    for (auto& v : a) v = half_to_float(float_to_half(g(rng)));
+    for (auto& v : b) v = half_to_float(float_to_half(g(rng)));
+    std::vector<double> ref_ad, scale_ad;
+    reference_linear(dense, n, k, x, ldx, m, a, b, rank, {}, &ref_ad, &scale_ad);
+    const AdapterPanelStore store = adapter_panels(a.data(), b.data(), n, k, rank);
+    AdapterTerms ad;
+    ad.a = a.data();
+    ad.b = b.data();
+    ad.rank = rank;
+    ad.panels = store.view();
+    for (const KernelSet* ks : sets()) {
+      std::vector<float> y(n, std::nanf(""));
+      sparse_linear(*ks, w, ad, x.data(), m, ldx, y.data(), serial_runner());
+      expect_close((std::string(what) + " fp16 panels").c_str(), *ks, y, ref_ad, scale_ad,
+                   int_path && ks->gemv_rows_q24 != nullptr ? 1e-2 : 1e-5);
     }
   }
 }

@@ -102,6 +102,25 @@ def test_salr_linear_paths_agree(salr_lib, monkeypatch, kernels, m):
     assert_close(y, reference_output(model, feeds), scale)
 
 
+@pytest.mark.parametrize("kernels", ["best", "scalar"])
+@pytest.mark.parametrize("n,k,kind", [(830, 545, "random"), (93, 576, "2:4")], ids=["830x545", "93x576-2:4"])
+def test_salr_linear_batch1_fp16_exact_adapters(salr_lib, monkeypatch, kernels, n, k, kind):
+    """fp32 adapters whose entries are all fp16 values (exported graphs cast them from fp16) take the kernel's
+    compact fp16 batch-1 form; B block-diagonal as in fused layers, its blocks crossing 8-output groups."""
+    use_kernel_set(monkeypatch, kernels)
+    rng = np.random.default_rng(n)
+    feeds, scale = _salr_case(rng, n, k, kind, 1, np.float32, np.float16, 9, True)
+    feeds["A_cat"] = feeds["A_cat"].astype(np.float16).astype(np.float32)
+    b = feeds["B_cat"].astype(np.float16).astype(np.float32)
+    block_of_row = np.arange(n) * 3 // n
+    block_of_rank = np.arange(9) // 3
+    feeds["B_cat"] = np.where(block_of_row[:, None] == block_of_rank[None, :], b, 0).astype(np.float32)
+    model, run_feeds = make_model(SALR_LINEAR, feeds, set(feeds) - {"X"}, {IN_FEATURES_ATTR: k}, np.float32)
+    ref = reference_output(model, feeds)
+    for threads in (1, 2):
+        assert_close(make_session(salr_lib, model, threads).run(None, run_feeds)[0], ref, scale)
+
+
 @pytest.mark.parametrize("xdt,vdt", DTYPE_COMBOS, ids=lambda d: np.dtype(d).name)
 def test_salr_linear_batched_input_and_optional_bias(salr_lib, xdt, vdt):
     rng = np.random.default_rng(1)

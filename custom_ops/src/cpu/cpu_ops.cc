@@ -243,6 +243,7 @@ class FloatInput {
     const void* data = v.GetTensorRawData();
     data_ = data;
     const std::vector<int64_t> shape = shape_of(v);
+    shape_ = shape;
     const int64_t count = element_count(shape);
     if (is_f16) {
       converted_.resize(static_cast<size_t>(count));
@@ -255,6 +256,14 @@ class FloatInput {
       rows_ = shape[0];
     }
   }
+
+  // The constant in fp32 (its shape in `shape`), or null when the input is not a constant initializer.
+  const float* constant_f32(std::vector<int64_t>* shape) const {
+    if (data_ == nullptr) return nullptr;
+    *shape = shape_;
+    return converted_.empty() ? static_cast<const float*>(data_) : converted_.data();
+  }
+  bool is_constant(const Ort::ConstValue& v) const { return data_ != nullptr && v.GetTensorRawData() == data_; }
 
   // `v` transposed when `v` is the constant that init() laid out, else null; rows() is its row stride.
   const float* transposed(const Ort::ConstValue& v) const {
@@ -277,6 +286,7 @@ class FloatInput {
 
  private:
   const void* data_ = nullptr;
+  std::vector<int64_t> shape_;
   std::vector<float> converted_;
   std::vector<float> transposed_;
   std::vector<int32_t> spans_;
@@ -381,6 +391,14 @@ class SALRLinearKernel {
     a_.init(info, adapter_index_, x_f16, ks_);
     b_.init(info, adapter_index_ + 1, x_f16, ks_, /*transposed=*/true);
     bias_.init(info, adapter_index_ + 2, x_f16, ks_);
+    std::vector<int64_t> a_shape, b_shape;
+    const float* a = a_.constant_f32(&a_shape);
+    const float* b = b_.constant_f32(&b_shape);
+    // shapes that disagree are left to compute() to report
+    if (a != nullptr && b != nullptr && a_shape.size() == 2 && b_shape.size() == 2 && a_shape[1] == k_ &&
+        b_shape[1] == a_shape[0]) {
+      panels_ = adapter_panels(a, b, b_shape[0], k_, a_shape[0]);
+    }
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
@@ -420,6 +438,7 @@ class SALRLinearKernel {
       ad.b_t = b_.transposed(b);
       ad.b_t_stride = b_.rows();
       if (ad.b_t != nullptr) ad.b_t_spans = b_.spans();
+      if (a_.is_constant(a) && b_.is_constant(b)) ad.panels = panels_.view();
     }
     if (present(bias)) ad.bias = bias_.get(bias, n, x_f16_, ks_, bias_tmp);
     const int64_t ldx = w.width * 8;
@@ -443,6 +462,7 @@ class SALRLinearKernel {
   size_t adapter_index_ = 4;
   BitmapWeightInput weight_;
   FloatInput a_, b_, bias_;
+  AdapterPanelStore panels_;
 };
 
 template <ONNXTensorElementDataType TX, ONNXTensorElementDataType TV>

@@ -53,6 +53,34 @@ inline bool int_path_applies(const SparseWeight& w) {
   return w.bits != 0 && w.two_four && w.cols % 64 == 0 && w.group_size % 32 == 0 && (w.cols / 2) % w.group_size == 0;
 }
 
+// The compact batch-1 form of a constant adapter whose factors are all exactly fp16 values (exported graphs
+// cast them from fp16): half the bytes of the fp32 factors, read as one contiguous stream. A in fp16
+// [rank, a_stride] with each row's tail past K zeroed; B as one panel per 8 outputs g holding only the ranks
+// where that group's B is non-zero, [first[g], first[g] + offsets[g + 1] - offsets[g]), each as 8 fp16
+// (outputs past N zero) at b + 8 * offsets[g].
+struct AdapterPanels {
+  const uint16_t* a = nullptr;  // null: no compact form
+  int64_t a_stride = 0;         // a multiple of 8, >= K
+  const uint16_t* b = nullptr;
+  const int64_t* offsets = nullptr;  // [ceil(N / 8) + 1], in ranks
+  const int32_t* first = nullptr;    // [ceil(N / 8)]
+};
+
+// Owns the arrays of an AdapterPanels.
+struct AdapterPanelStore {
+  std::vector<uint16_t> a, b;
+  std::vector<int64_t> offsets;
+  std::vector<int32_t> first;
+  int64_t a_stride = 0;
+  AdapterPanels view() const {
+    return a.empty() ? AdapterPanels{} : AdapterPanels{a.data(), a_stride, b.data(), offsets.data(), first.data()};
+  }
+};
+
+// The compact form of fp32 A [rank, k] and B [n, rank], or an empty store when some entry is not exactly an
+// fp16 value (the fp32 factors are then used as they are, so results never depend on this choice).
+AdapterPanelStore adapter_panels(const float* a, const float* b, int64_t n, int64_t k, int64_t rank);
+
 // Low-rank adapter and bias of SALRLinear, already in fp32.
 struct AdapterTerms {
   const float* a = nullptr;  // [rank, K]
@@ -67,6 +95,9 @@ struct AdapterTerms {
   const int32_t* b_t_spans = nullptr;
   int64_t rank = 0;
   const float* bias = nullptr;  // [N] or null
+  // Optional: the compact form of the same a and b, which batch 1 then reads instead; each thread that runs
+  // a call's tasks computes A x itself, so no pass over A runs on the calling thread alone.
+  AdapterPanels panels;
 };
 
 // B [n, rank] transposed (AdapterTerms::b_t, stride n): rank * n floats.
@@ -109,6 +140,10 @@ struct KernelSet {
   // The integer path's activations of one row x [K] (K % 64 == 0), laid out as q24_layout.h describes. Every
   // set with gemv_rows_q24 has it, and all produce the same bytes.
   void (*quantize_q24)(const float* x, int64_t k, int bits, int8_t* xp, float* xs8);
+  // out[r] = a[r, :len] . x[:len] for r < rows: a fp16 with row stride lda, len % 8 == 0 (AdapterPanels::a).
+  void (*dot_rows_f16)(const uint16_t* a, int64_t rows, int64_t lda, int64_t len, const float* x, float* out);
+  // y[8 (g - g0) + j] += sum_r t[first[g] + r] * panel_g[r][j] for the whole groups g in [g0, g1), j < 8.
+  void (*panels_f16)(const AdapterPanels& p, const float* t, float* y, int64_t g0, int64_t g1);
 };
 
 const KernelSet& scalar_kernels();
@@ -134,6 +169,10 @@ void dequantize_values(const SparseWeight& w, int64_t v0, int64_t v1, float* out
 // The portable quantize_q24: per 32-column block xs = max|x| / 127, q = round-half-even(x / xs) clamped to
 // [-127, 127] (0 for an all-zero block; NaN columns are ignored by the max and give -127).
 void quantize_q24(const float* x, int64_t k, int bits, int8_t* xp, float* xs8);
+
+// Portable dot_rows_f16 and panels_f16, for the sets that have no SIMD version.
+void dot_rows_f16(const uint16_t* a, int64_t rows, int64_t lda, int64_t len, const float* x, float* out);
+void panels_f16(const AdapterPanels& p, const float* t, float* y, int64_t g0, int64_t g1);
 
 // IEEE half <-> float, round to nearest even; portable reference used by the scalar set.
 float half_to_float(uint16_t h);

@@ -712,9 +712,63 @@ void gemv_rows_q24(const SparseWeight& w, const int8_t* xp, const float* xs8, fl
   }
 }
 
+// ---- compact adapters (AdapterPanels) ------------------------------------------------------------------
+
+inline __m256 load8_f16(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+void dot_rows_f16(const uint16_t* a, int64_t rows, int64_t lda, int64_t len, const float* x, float* out) {
+  int64_t r = 0;
+  for (; r + 2 <= rows; r += 2) {  // two rows share each x load
+    const uint16_t* a0 = a + r * lda;
+    const uint16_t* a1 = a0 + lda;
+    __m256 s00 = _mm256_setzero_ps(), s01 = _mm256_setzero_ps(), s10 = _mm256_setzero_ps(),
+           s11 = _mm256_setzero_ps();
+    int64_t c = 0;
+    for (; c + 16 <= len; c += 16) {
+      const __m256 x0 = _mm256_loadu_ps(x + c), x1 = _mm256_loadu_ps(x + c + 8);
+      s00 = _mm256_fmadd_ps(load8_f16(a0 + c), x0, s00);
+      s01 = _mm256_fmadd_ps(load8_f16(a0 + c + 8), x1, s01);
+      s10 = _mm256_fmadd_ps(load8_f16(a1 + c), x0, s10);
+      s11 = _mm256_fmadd_ps(load8_f16(a1 + c + 8), x1, s11);
+    }
+    if (c < len) {
+      const __m256 x0 = _mm256_loadu_ps(x + c);
+      s00 = _mm256_fmadd_ps(load8_f16(a0 + c), x0, s00);
+      s10 = _mm256_fmadd_ps(load8_f16(a1 + c), x0, s10);
+    }
+    out[r] = hsum(_mm256_add_ps(s00, s01));
+    out[r + 1] = hsum(_mm256_add_ps(s10, s11));
+  }
+  if (r < rows) {
+    const uint16_t* a0 = a + r * lda;
+    __m256 s0 = _mm256_setzero_ps();
+    for (int64_t c = 0; c < len; c += 8) s0 = _mm256_fmadd_ps(load8_f16(a0 + c), _mm256_loadu_ps(x + c), s0);
+    out[r] = hsum(s0);
+  }
+}
+
+void panels_f16(const AdapterPanels& p, const float* t, float* y, int64_t g0, int64_t g1) {
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint16_t* panel = p.b + 8 * p.offsets[g];
+    const float* tg = t + p.first[g];
+    const int64_t ranks = p.offsets[g + 1] - p.offsets[g];
+    float* yg = y + 8 * (g - g0);
+    __m256 acc0 = _mm256_loadu_ps(yg), acc1 = _mm256_setzero_ps();
+    int64_t r = 0;
+    for (; r + 2 <= ranks; r += 2) {  // two chains: the FMA latency is not the bound
+      acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(tg + r), load8_f16(panel + 8 * r), acc0);
+      acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(tg + r + 1), load8_f16(panel + 8 * r + 8), acc1);
+    }
+    if (r < ranks) acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(tg + r), load8_f16(panel + 8 * r), acc0);
+    _mm256_storeu_ps(yg, _mm256_add_ps(acc0, acc1));
+  }
+}
+
 const KernelSet kAvx2 = {"avx2",     gemv_rows,  decode_row_f32, extract_row, dot_nt,
                          axpy_block, f16_to_f32, f32_to_f16,     dequant,     gemv_rows_q24,
-                         quantize_q24};
+                         quantize_q24, dot_rows_f16, panels_f16};
 
 }  // namespace
 }  // namespace salr

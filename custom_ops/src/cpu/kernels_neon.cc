@@ -239,6 +239,35 @@ void f32_to_f16(const float* src, uint16_t* dst, int64_t n) {
   for (; i < n; ++i) dst[i] = float_to_half(src[i]);
 }
 
+float32x4_t load4_f16(const uint16_t* p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
+
+void dot_rows_f16_neon(const uint16_t* a, int64_t rows, int64_t lda, int64_t len, const float* x, float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* ar = a + r * lda;
+    float32x4_t acc0 = vdupq_n_f32(0.f), acc1 = vdupq_n_f32(0.f);
+    for (int64_t c = 0; c < len; c += 8) {
+      acc0 = vfmaq_f32(acc0, load4_f16(ar + c), vld1q_f32(x + c));
+      acc1 = vfmaq_f32(acc1, load4_f16(ar + c + 4), vld1q_f32(x + c + 4));
+    }
+    out[r] = vaddvq_f32(vaddq_f32(acc0, acc1));
+  }
+}
+
+void panels_f16_neon(const AdapterPanels& p, const float* t, float* y, int64_t g0, int64_t g1) {
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint16_t* panel = p.b + 8 * p.offsets[g];
+    const float* tg = t + p.first[g];
+    float* yg = y + 8 * (g - g0);
+    float32x4_t lo = vld1q_f32(yg), hi = vld1q_f32(yg + 4);
+    for (int64_t r = 0; r < p.offsets[g + 1] - p.offsets[g]; ++r) {
+      lo = vfmaq_n_f32(lo, load4_f16(panel + 8 * r), tg[r]);
+      hi = vfmaq_n_f32(hi, load4_f16(panel + 8 * r + 4), tg[r]);
+    }
+    vst1q_f32(yg, lo);
+    vst1q_f32(yg + 4, hi);
+  }
+}
+
 }  // namespace
 
 const KernelSet* neon_kernels() {
@@ -246,7 +275,7 @@ const KernelSet* neon_kernels() {
                                dot_nt,     axpy_block, f16_to_f32,                      f32_to_f16,
                                // quantized weights: portable dequantization, then the NEON float kernels
                                // (no integer path yet: null sends batch 1 through the float path too)
-                               dequantize_values, nullptr, nullptr};
+                               dequantize_values, nullptr, nullptr, dot_rows_f16_neon, panels_f16_neon};
   return &ks;
 }
 

@@ -219,6 +219,25 @@ void quantize_q24(const float* x, int64_t k, int bits, int8_t* xp, float* xs8) {
   }
 }
 
+void dot_rows_f16(const uint16_t* a, int64_t rows, int64_t lda, int64_t len, const float* x, float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float acc = 0.f;
+    for (int64_t c = 0; c < len; ++c) acc += half_to_float(a[r * lda + c]) * x[c];
+    out[r] = acc;
+  }
+}
+
+void panels_f16(const AdapterPanels& p, const float* t, float* y, int64_t g0, int64_t g1) {
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint16_t* panel = p.b + 8 * p.offsets[g];
+    const float* tg = t + p.first[g];
+    float* yg = y + 8 * (g - g0);
+    for (int64_t r = 0; r < p.offsets[g + 1] - p.offsets[g]; ++r) {
+      for (int j = 0; j < 8; ++j) yg[j] += tg[r] * half_to_float(panel[8 * r + j]);
+    }
+  }
+}
+
 Runner serial_runner() {
   Runner r;
   r.run = run_serial;
@@ -228,7 +247,7 @@ Runner serial_runner() {
 const KernelSet& scalar_kernels() {
   static const KernelSet ks = {"scalar",   gemv_rows,  decode_row_f32,    extract_row,  dot_nt,
                                axpy_block, f16_to_f32, f32_to_f16,        dequantize_values, gemv_rows_q24,
-                               quantize_q24};
+                               quantize_q24, dot_rows_f16, panels_f16};
   return ks;
 }
 

@@ -9,6 +9,7 @@
 //   into (column, value) pairs once, and each pair adds value * X[:, column] to a register block of
 //   64 outputs, reading X transposed. At 50% sparsity this does half the FMAs of a dense GEMM.
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <thread>
 #include <vector>
@@ -79,9 +80,43 @@ void adapter_epilogue_transposed(const KernelSet& ks, const AdapterTerms& ad, co
   }
 }
 
+// y[n0:n1] += B[n0:n1, :] t for one activation row, from the compact panels (AdapterPanels); n0 % 8 == 0.
+void adapter_epilogue_panels(const KernelSet& ks, const AdapterPanels& p, const float* t, float* y, int64_t n0,
+                             int64_t n1) {
+  const int64_t g0 = n0 / 8, whole = n1 / 8;
+  if (whole > g0) ks.panels_f16(p, t, y + n0, g0, whole);
+  if (n1 > 8 * whole) {  // the weight's last, partial group: its panel is zero-padded to 8 outputs
+    float tail[8] = {};
+    ks.panels_f16(p, t, tail, whole, whole + 1);
+    for (int64_t i = 8 * whole; i < n1; ++i) y[i] += tail[i - 8 * whole];
+  }
+}
+
+// A call's T = X A^T for batch 1 with compact adapters, computed by each thread that runs one of the call's
+// tasks (once per thread and call): the pass over A then runs beside the other threads' rows instead of
+// before them on the calling thread alone. `call` identifies the call (next_call_id).
+const float* thread_adapter_input(const KernelSet& ks, const AdapterTerms& ad, const float* x, int64_t k,
+                                  uint64_t call) {
+  thread_local uint64_t cached_call = 0;
+  thread_local std::vector<float> t;
+  if (cached_call != call) {
+    if (static_cast<int64_t>(t.size()) < ad.rank) t.resize(static_cast<size_t>(ad.rank));
+    ks.dot_rows_f16(ad.panels.a, ad.rank, ad.panels.a_stride, ceil_div(k, 8) * 8, x, t.data());
+    cached_call = call;
+  }
+  return t.data();
+}
+
+uint64_t next_call_id() {
+  static std::atomic<uint64_t> calls{0};
+  return calls.fetch_add(1, std::memory_order_relaxed) + 1;
+}
+
 void adapter_epilogue(const KernelSet& ks, const AdapterTerms& ad, const float* t, int64_t m, int64_t n_total,
                       float* y, int64_t n0, int64_t n1) {
-  if (ad.rank > 0 && m == 1 && ad.b_t != nullptr) {
+  if (ad.rank > 0 && m == 1 && ad.panels.a != nullptr) {
+    adapter_epilogue_panels(ks, ad.panels, t, y, n0, n1);
+  } else if (ad.rank > 0 && m == 1 && ad.b_t != nullptr) {
     adapter_epilogue_transposed(ks, ad, t, y, n0, n1);
   } else if (ad.rank > 0) {
     ks.dot_nt(m, n1 - n0, ad.rank, t, ad.rank, ad.b + n0 * ad.rank, ad.rank, y + n0, n_total, true);
@@ -101,7 +136,8 @@ struct Job {
   const float* x;
   int64_t m;
   int64_t ldx;
-  const float* t;  // X A^T [m, rank] (m == 1 and small-m paths)
+  const float* t;  // X A^T [m, rank] (m == 1 and small-m paths); null: each task's thread computes it
+  uint64_t call;   // with t null: next_call_id() of this call
   float* y;
   int64_t chunk_rows;
   // large-m path
@@ -116,7 +152,8 @@ void gemv_task(void* arg, int64_t c) {
   const int64_t n0 = c * j.chunk_rows;
   const int64_t n1 = std::min(n0 + j.chunk_rows, j.w->rows);
   j.ks->gemv_rows(*j.w, j.x, j.y + n0, n0, n1);
-  adapter_epilogue(*j.ks, *j.ad, j.t, 1, j.w->rows, j.y, n0, n1);
+  const float* t = j.t ? j.t : thread_adapter_input(*j.ks, *j.ad, j.x, j.w->cols, j.call);
+  adapter_epilogue(*j.ks, *j.ad, t, 1, j.w->rows, j.y, n0, n1);
 }
 
 void small_m_task(void* arg, int64_t c) {
@@ -246,7 +283,8 @@ struct QuantJob {
   const float* x;
   const int8_t* xp;    // the integer path's activations (prepare_q24_activations)
   const float* xs8;
-  const float* t;  // X A^T [1, rank]
+  const float* t;  // X A^T [1, rank]; null: each task's thread computes it
+  uint64_t call;   // with t null: next_call_id() of this call
   float* y;
   float* dequantized;  // m > 1: fp32 values [nnz]
   int64_t chunk_rows;
@@ -257,7 +295,8 @@ void gemv_q24_task(void* arg, int64_t c) {
   const int64_t n0 = c * j.chunk_rows;
   const int64_t n1 = std::min(n0 + j.chunk_rows, j.w->rows);
   j.ks->gemv_rows_q24(*j.w, j.xp, j.xs8, j.y + n0, n0, n1);
-  adapter_epilogue(*j.ks, *j.ad, j.t, 1, j.w->rows, j.y, n0, n1);
+  const float* t = j.t ? j.t : thread_adapter_input(*j.ks, *j.ad, j.x, j.w->cols, j.call);
+  adapter_epilogue(*j.ks, *j.ad, t, 1, j.w->rows, j.y, n0, n1);
 }
 
 // Rows [n0, n1) of a quantized weight as a float-valued weight over `values` (their dequantized values).
@@ -295,7 +334,8 @@ void gemv_dequant_task(void* arg, int64_t c) {
   SparseWeight view = float_rows(w, n0, n1, values.data(), offsets.data());
   view.nnz += 8;
   j.ks->gemv_rows(view, j.x, j.y + n0, 0, n1 - n0);
-  adapter_epilogue(*j.ks, *j.ad, j.t, 1, w.rows, j.y, n0, n1);
+  const float* t = j.t ? j.t : thread_adapter_input(*j.ks, *j.ad, j.x, w.cols, j.call);
+  adapter_epilogue(*j.ks, *j.ad, t, 1, w.rows, j.y, n0, n1);
 }
 
 void dequant_task(void* arg, int64_t c) {
@@ -333,6 +373,35 @@ std::vector<int32_t> adapter_rank_spans(const float* b, int64_t n, int64_t rank)
     spans[2 * g + 1] = static_cast<int32_t>(end);
   }
   return spans;
+}
+
+AdapterPanelStore adapter_panels(const float* a, const float* b, int64_t n, int64_t k, int64_t rank) {
+  AdapterPanelStore s;
+  if (rank <= 0 || n <= 0 || k <= 0) return s;
+  const auto exact = [](float v) { return half_to_float(float_to_half(v)) == v; };
+  if (!std::all_of(a, a + rank * k, exact) || !std::all_of(b, b + n * rank, exact)) return s;
+  s.a_stride = ceil_div(k, 8) * 8;
+  s.a.assign(static_cast<size_t>(rank * s.a_stride), 0);
+  for (int64_t r = 0; r < rank; ++r) {
+    for (int64_t c = 0; c < k; ++c) s.a[r * s.a_stride + c] = float_to_half(a[r * k + c]);
+  }
+  const std::vector<int32_t> spans = adapter_rank_spans(b, n, rank);
+  const int64_t groups = ceil_div(n, 8);
+  s.offsets.assign(static_cast<size_t>(groups + 1), 0);
+  s.first.assign(static_cast<size_t>(groups), 0);
+  for (int64_t g = 0; g < groups; ++g) {
+    s.first[g] = spans[2 * g];
+    s.offsets[g + 1] = s.offsets[g] + std::max<int64_t>(0, spans[2 * g + 1] - spans[2 * g]);
+  }
+  s.b.assign(static_cast<size_t>(8 * s.offsets[groups]), 0);
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t r = 0; r < s.offsets[g + 1] - s.offsets[g]; ++r) {
+      for (int64_t i = 8 * g; i < std::min(n, 8 * g + 8); ++i) {
+        s.b[8 * (s.offsets[g] + r) + (i - 8 * g)] = float_to_half(b[i * rank + s.first[g] + r]);
+      }
+    }
+  }
+  return s;
 }
 
 void dense_nt(const KernelSet& ks, int64_t m, int64_t n, int64_t len, const float* x, int64_t ldx, const float* w,
@@ -373,6 +442,15 @@ std::vector<float> adapter_inputs(const KernelSet& ks, const SparseWeight& w, co
   return t;
 }
 
+// Batch 1: T = x A^T for the tasks to share, or nothing when the compact adapters let each thread compute it.
+std::vector<float> batch1_adapter_inputs(const KernelSet& ks, const SparseWeight& w, const AdapterTerms& ad,
+                                         const float* x, int64_t ldx, const Runner& runner) {
+  if (ad.rank > 0 && ad.panels.a != nullptr) return {};
+  std::vector<float> t = adapter_inputs(ks, w, ad, x, 1, ldx, runner);
+  if (t.empty()) t.push_back(0.f);  // rank 0: a valid, unused pointer
+  return t;
+}
+
 void quantized_linear(const KernelSet& ks, const SparseWeight& w, const AdapterTerms& ad, const float* x, int64_t m,
                       int64_t ldx, float* y, const Runner& runner) {
   QuantJob job{};
@@ -390,8 +468,9 @@ void quantized_linear(const KernelSet& ks, const SparseWeight& w, const AdapterT
     sparse_linear(ks, float_rows(w, 0, w.rows, values.data(), offsets.data()), ad, x, m, ldx, y, runner);
     return;
   }
-  const std::vector<float> t = adapter_inputs(ks, w, ad, x, 1, ldx, runner);
-  job.t = t.data();
+  const std::vector<float> t = batch1_adapter_inputs(ks, w, ad, x, ldx, runner);
+  job.t = t.empty() ? nullptr : t.data();
+  job.call = next_call_id();
   if (ks.gemv_rows_q24 != nullptr && int_path_applies(w)) {
     SparseWeight packed = w;
     LargeBytes per_call;
@@ -429,16 +508,19 @@ void sparse_linear(const KernelSet& ks, const SparseWeight& w, const AdapterTerm
   job.m = m;
   job.ldx = ldx;
   job.y = y;
+  if (m == 1) {
+    const std::vector<float> t = batch1_adapter_inputs(ks, w, ad, x, ldx, runner);
+    job.t = t.empty() ? nullptr : t.data();
+    job.call = next_call_id();
+    job.chunk_rows = gemv_chunk_rows(n, w.width / 8);
+    runner(ceil_div(n, job.chunk_rows), gemv_task, &job);
+    return;
+  }
   if (m < kLargeM) {
     const std::vector<float> t = adapter_inputs(ks, w, ad, x, m, ldx, runner);
     job.t = t.data();
-    if (m == 1) {
-      job.chunk_rows = gemv_chunk_rows(n, w.width / 8);
-      runner(ceil_div(n, job.chunk_rows), gemv_task, &job);
-    } else {
-      job.chunk_rows = kSmallChunkRows;
-      runner(ceil_div(n, job.chunk_rows), small_m_task, &job);
-    }
+    job.chunk_rows = kSmallChunkRows;
+    runner(ceil_div(n, job.chunk_rows), small_m_task, &job);
     return;
   }
   // Prefill: X^T (and T^T below it) per block of 64 activation rows, zero-padded to a multiple of 8.
