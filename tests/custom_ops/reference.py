@@ -170,7 +170,8 @@ def unpack_codes(stored: np.ndarray, bits: int, nnz: int) -> np.ndarray:
 def dequantize_values(stored, scales, bits: int, group_size: int, nnz: int) -> np.ndarray:
     """Values [nnz] as float32: q_i * float(scales[i // group_size]) (exact: <= 8-bit code x 11-bit fp16)."""
     q = unpack_codes(stored, bits, nnz)
-    s = np.repeat(np.asarray(scales, dtype=np.float16).astype(np.float64), group_size)[:nnz]
+    # indexed, not np.repeat(scales, group_size): a valid group_size may be far larger than nnz (fuzzing)
+    s = np.asarray(scales, dtype=np.float16).astype(np.float64).reshape(-1)[np.arange(nnz) // group_size]
     return (q * s).astype(np.float32)
 
 

@@ -36,20 +36,70 @@ constexpr int64_t kSerialAdapterMacs = 1 << 16;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Rows per task of a batch-1 pass, a multiple of 8 (whole vectors for the adapter epilogue); row_cost: the
-// row's steps (64 columns for the integer path, 8-byte bitmap groups for the float one). A batch-1 pass
-// streams its weight once from DRAM, and every task boundary restarts that stream cold and claims the pool's
-// shared counter: SmolLM2 decode (210 small layers a token, 2 threads) ran 0.94x, 1.10x and 1.21x of ORT
-// int4 with 16-row, 64-row and two tasks per layer. So one contiguous run of rows per hardware thread, and
-// up to 8 per thread, each of at least kGemvTaskCost steps, only where a layer is large enough that balancing
-// the threads' finishing times is worth a few cold starts.
-constexpr int64_t kGemvTaskCost = 16384;
+// Batch-1 scheduling. A batch-1 pass streams its weight once from DRAM, and every task boundary restarts that
+// stream cold: SmolLM2 decode (210 small layers a token, 2 threads) ran 0.94x, 1.10x and 1.21x of ORT int4
+// with 16-row, 64-row and two tasks per layer. So each hardware thread owns one contiguous range of rows and
+// takes it from the front in blocks, reading its stream in order; a thread that finishes its range takes
+// blocks from the back of another's, so a core that stalls or a pool thread that wakes late no longer holds
+// up the whole layer (with static halves the faster thread waited).
+class RowRanges {
+ public:
+  static constexpr int64_t kMaxRanges = 64;
 
-int64_t gemv_chunk_rows(int64_t rows, int64_t row_cost) {
-  static const int64_t threads = std::max<int64_t>(1, std::thread::hardware_concurrency());
-  const int64_t per_thread = std::clamp<int64_t>(rows * row_cost / (kGemvTaskCost * threads), 1, 8);
-  return ceil_div(ceil_div(rows, threads * per_thread), 8) * 8;
-}
+  // rows split into blocks of a multiple of 8 rows (whole vectors for the adapter epilogue), about
+  // kBlocksPerRange per range.
+  explicit RowRanges(int64_t rows) : rows_(rows) {
+    static const int64_t threads = std::clamp<int64_t>(std::thread::hardware_concurrency(), 1, kMaxRanges);
+    block_rows_ = std::max<int64_t>(8, ceil_div(ceil_div(rows, threads * kBlocksPerRange), 8) * 8);
+    const int64_t blocks = ceil_div(rows, block_rows_);
+    ranges_ = std::max<int64_t>(1, std::min(threads, blocks));
+    for (int64_t r = 0; r < ranges_; ++r) {
+      const uint64_t front = static_cast<uint64_t>(r * blocks / ranges_);
+      const uint64_t back = static_cast<uint64_t>((r + 1) * blocks / ranges_);
+      span_[r].v.store(front | (back << 32), std::memory_order_relaxed);
+    }
+  }
+
+  int64_t ranges() const { return ranges_; }
+
+  // Task i: its own range from the front, then the others' from the back; f(n0, n1) per block of rows.
+  template <class F>
+  void run(int64_t i, F&& f) {
+    int64_t b;
+    while (claim(i, /*front=*/true, &b)) f(b * block_rows_, std::min(rows_, (b + 1) * block_rows_));
+    for (int64_t j = 1; j < ranges_; ++j) {
+      const int64_t other = (i + j) % ranges_;
+      while (claim(other, /*front=*/false, &b)) f(b * block_rows_, std::min(rows_, (b + 1) * block_rows_));
+    }
+  }
+
+ private:
+  static constexpr int64_t kBlocksPerRange = 8;
+
+  // Takes the next block of range r, from its front or its back. span: front block (low 32 bits) and end
+  // block (high 32 bits) of what is left.
+  bool claim(int64_t r, bool front, int64_t* block) {
+    uint64_t s = span_[r].v.load(std::memory_order_relaxed);
+    for (;;) {
+      const uint64_t lo = s & 0xffffffffu, hi = s >> 32;
+      if (lo >= hi) return false;
+      const uint64_t next = front ? (lo + 1) | (hi << 32) : lo | ((hi - 1) << 32);
+      if (span_[r].v.compare_exchange_weak(s, next, std::memory_order_relaxed)) {
+        *block = static_cast<int64_t>(front ? lo : hi - 1);
+        return true;
+      }
+    }
+  }
+
+  struct alignas(64) Span {  // one cache line each: owners claiming their own fronts do not contend
+    std::atomic<uint64_t> v;
+  };
+
+  int64_t rows_;
+  int64_t block_rows_ = 8;
+  int64_t ranges_ = 1;
+  Span span_[kMaxRanges];
+};
 
 // Adds (T B^T)[.., n0:n1] and bias[n0:n1] to y rows, T = X A^T [m, rank].
 // y[n0:n1] += B[n0:n1, :] t for one activation row, from B^T (AdapterTerms::b_t): 64 outputs a call.
@@ -139,6 +189,7 @@ struct Job {
   const float* t;  // X A^T [m, rank] (m == 1 and small-m paths); null: each task's thread computes it
   uint64_t call;   // with t null: next_call_id() of this call
   float* y;
+  RowRanges* rows;  // m == 1
   int64_t chunk_rows;
   // large-m path
   const float* xt;       // per m-block: [width * 8 + rank][mbw] (X^T then T^T)
@@ -149,11 +200,11 @@ struct Job {
 
 void gemv_task(void* arg, int64_t c) {
   const Job& j = *static_cast<const Job*>(arg);
-  const int64_t n0 = c * j.chunk_rows;
-  const int64_t n1 = std::min(n0 + j.chunk_rows, j.w->rows);
-  j.ks->gemv_rows(*j.w, j.x, j.y + n0, n0, n1);
-  const float* t = j.t ? j.t : thread_adapter_input(*j.ks, *j.ad, j.x, j.w->cols, j.call);
-  adapter_epilogue(*j.ks, *j.ad, t, 1, j.w->rows, j.y, n0, n1);
+  j.rows->run(c, [&](int64_t n0, int64_t n1) {
+    j.ks->gemv_rows(*j.w, j.x, j.y + n0, n0, n1);
+    const float* t = j.t ? j.t : thread_adapter_input(*j.ks, *j.ad, j.x, j.w->cols, j.call);
+    adapter_epilogue(*j.ks, *j.ad, t, 1, j.w->rows, j.y, n0, n1);
+  });
 }
 
 void small_m_task(void* arg, int64_t c) {
@@ -286,17 +337,18 @@ struct QuantJob {
   const float* t;  // X A^T [1, rank]; null: each task's thread computes it
   uint64_t call;   // with t null: next_call_id() of this call
   float* y;
+  RowRanges* rows;     // the integer path
   float* dequantized;  // m > 1: fp32 values [nnz]
   int64_t chunk_rows;
 };
 
 void gemv_q24_task(void* arg, int64_t c) {
   const QuantJob& j = *static_cast<const QuantJob*>(arg);
-  const int64_t n0 = c * j.chunk_rows;
-  const int64_t n1 = std::min(n0 + j.chunk_rows, j.w->rows);
-  j.ks->gemv_rows_q24(*j.w, j.xp, j.xs8, j.y + n0, n0, n1);
-  const float* t = j.t ? j.t : thread_adapter_input(*j.ks, *j.ad, j.x, j.w->cols, j.call);
-  adapter_epilogue(*j.ks, *j.ad, t, 1, j.w->rows, j.y, n0, n1);
+  j.rows->run(c, [&](int64_t n0, int64_t n1) {
+    j.ks->gemv_rows_q24(*j.w, j.xp, j.xs8, j.y + n0, n0, n1);
+    const float* t = j.t ? j.t : thread_adapter_input(*j.ks, *j.ad, j.x, j.w->cols, j.call);
+    adapter_epilogue(*j.ks, *j.ad, t, 1, j.w->rows, j.y, n0, n1);
+  });
 }
 
 // Rows [n0, n1) of a quantized weight as a float-valued weight over `values` (their dequantized values).
@@ -482,8 +534,9 @@ void quantized_linear(const KernelSet& ks, const SparseWeight& w, const AdapterT
     const Q24Activations xa = prepare_q24_activations(ks, x, w.cols, w.bits);
     job.xp = xa.xp.data();
     job.xs8 = xa.xs8.data();
-    job.chunk_rows = gemv_chunk_rows(w.rows, w.cols / 64);
-    runner(ceil_div(w.rows, job.chunk_rows), gemv_q24_task, &job);
+    RowRanges rows(w.rows);
+    job.rows = &rows;
+    runner(rows.ranges(), gemv_q24_task, &job);
   } else {
     job.chunk_rows = kDequantChunkRows;
     runner(ceil_div(w.rows, job.chunk_rows), gemv_dequant_task, &job);
@@ -512,8 +565,9 @@ void sparse_linear(const KernelSet& ks, const SparseWeight& w, const AdapterTerm
     const std::vector<float> t = batch1_adapter_inputs(ks, w, ad, x, ldx, runner);
     job.t = t.empty() ? nullptr : t.data();
     job.call = next_call_id();
-    job.chunk_rows = gemv_chunk_rows(n, w.width / 8);
-    runner(ceil_div(n, job.chunk_rows), gemv_task, &job);
+    RowRanges rows(n);
+    job.rows = &rows;
+    runner(rows.ranges(), gemv_task, &job);
     return;
   }
   if (m < kLargeM) {
