@@ -264,6 +264,11 @@ class FloatInput {
     return converted_.empty() ? static_cast<const float*>(data_) : converted_.data();
   }
   bool is_constant(const Ort::ConstValue& v) const { return data_ != nullptr && v.GetTensorRawData() == data_; }
+  // Frees the transposed copy; transposed() is null from then on.
+  void drop_transposed() {
+    std::vector<float>().swap(transposed_);
+    std::vector<int32_t>().swap(spans_);
+  }
 
   // `v` transposed when `v` is the constant that init() laid out, else null; rows() is its row stride.
   const float* transposed(const Ort::ConstValue& v) const {
@@ -398,6 +403,7 @@ class SALRLinearKernel {
     if (a != nullptr && b != nullptr && a_shape.size() == 2 && b_shape.size() == 2 && a_shape[1] == k_ &&
         b_shape[1] == a_shape[0]) {
       panels_ = adapter_panels(a, b, b_shape[0], k_, a_shape[0]);
+      if (!panels_.a.empty()) b_.drop_transposed();  // batch 1 reads the panels instead
     }
   }
 

@@ -78,7 +78,8 @@ struct AdapterPanelStore {
 };
 
 // The compact form of fp32 A [rank, k] and B [n, rank], or an empty store when some entry is not exactly an
-// fp16 value (the fp32 factors are then used as they are, so results never depend on this choice).
+// fp16 value (the fp32 factors are then used as they are). Both forms multiply the same numbers; only the
+// order of the additions differs.
 AdapterPanelStore adapter_panels(const float* a, const float* b, int64_t n, int64_t k, int64_t rank);
 
 // Low-rank adapter and bias of SALRLinear, already in fp32.
