@@ -191,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                           svd_rank_cap=args.svd_rank_cap, sparse_step=args.sparse_step)
     structure = predicted_fraction(config, base, names)
     if structure < max(budgets):
-        logger.warning("the targets give a structure of %.3f of dense, below the largest budget %.2f: budgets above "
-                       "it may be unreachable; raise --target-density-*/--target-rank-ratio-*", structure, max(budgets))
+        logger.info("the targets give a structure of %.3f of dense, below the largest budget %.2f: cuts above it "
+                    "keep all of L and S plus the largest entries of X − L", structure, max(budgets))
     if not (args.skip_train and (workdir / SALAAD_CONFIG_NAME).is_file()):
         model = copy.deepcopy(base)
         train = FinetuneConfig(steps=args.steps or 1, batch_size=args.batch_size, grad_accum=args.grad_accum,

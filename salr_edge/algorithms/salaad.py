@@ -19,6 +19,8 @@ Extraction (`extract_`): one factor f scales every matrix's trained rank (its ef
 number of S non-zeros; f is found by bisection so that the stored bytes (bitmap + fp16 values + int64 row
 offsets + fp16 adapters) meet a budget. Each layer becomes a `SparseLowRankLinear` whose sparse base holds
 the largest-magnitude entries of S and whose adapter "lowrank" holds the top singular components of L.
+Above the trained structure (f > 1) the base keeps all of S and the largest entries of the trained
+weights' residual X − L beside it.
 """
 
 from __future__ import annotations
@@ -461,9 +463,14 @@ class LayerSupply:
     rank: int  # effective rank at the end of training
     max_rank: int  # singular components stored in L
     nnz: int  # non-zeros of S
+    max_nnz: int | None = None  # entries a cut may keep: nnz (default), or d·k when the trained X can extend S
+
+    @property
+    def nnz_cap(self) -> int:
+        return self.nnz if self.max_nnz is None else self.max_nnz
 
     def counts(self, factor: float) -> tuple[int, int]:
-        return (min(self.max_rank, int(round(factor * self.rank))), min(self.nnz, int(round(factor * self.nnz))))
+        return (min(self.max_rank, int(round(factor * self.rank))), min(self.nnz_cap, int(round(factor * self.nnz))))
 
 
 @dataclass
@@ -523,8 +530,9 @@ def plan_extraction(supply: dict[str, LayerSupply], budget: Budget | None = None
         raise ValueError(f"budget of {target:.0f} bytes ({target / dense:.4f} of dense fp16) is below what the "
                          f"structure can express: the bitmaps and row offsets alone take {floor} bytes "
                          f"({floor / dense:.4f} of dense fp16; the bitmap costs 1/16)")
-    # from f = hi on, every layer keeps all of L's stored components and all of S's non-zeros
-    hi = 1.0 + max((s.max_rank / s.rank for s in supply.values() if s.rank > 0), default=0.0)
+    # from f = hi on, every layer keeps all of L's stored components and all the entries it may keep
+    hi = 1.0 + max([s.max_rank / s.rank for s in supply.values() if s.rank > 0] +
+                   [s.nnz_cap / s.nnz for s in supply.values() if s.nnz > 0], default=0.0)
     full = measure(hi)[pick]
     if full < target * (1 - tolerance):
         raise ValueError(f"budget of {target:.0f} {unit} is above what this checkpoint's L and S hold in full "
@@ -554,10 +562,10 @@ def plan_extraction(supply: dict[str, LayerSupply], budget: Budget | None = None
 
 def _fill(supply: dict[str, LayerSupply], counts: dict[str, tuple[int, int]], extra: int) -> dict[str, tuple[int, int]]:
     """Rounding correction: spread `extra` more S entries (the finest unit: one value) over the layers in
-    proportion to their trained non-zeros, within what each S holds, so the plan lands on the budget even
+    proportion to their trained non-zeros, within what each layer may keep, so the plan lands on the budget even
     where the factor's rounding makes coarse steps (small models, many identical layers)."""
     counts = dict(counts)
-    room = {n: supply[n].nnz - counts[n][1] for n in counts}
+    room = {n: supply[n].nnz_cap - counts[n][1] for n in counts}
     total = sum(supply[n].nnz for n in counts if room[n] > 0)
     if extra <= 0 or total == 0:
         return counts
@@ -598,6 +606,30 @@ def refit_to(x: torch.Tensor, u: torch.Tensor, vh: torch.Tensor, mask: torch.Ten
     return c, sparse
 
 
+def _cut_sparse(sparse: torch.Tensor, residual: torch.Tensor, nnz: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sparse base of a cut keeping `nnz` entries: (mask, values), both [d, k].
+
+    Up to S's own non-zeros, its `nnz` largest-magnitude entries. Beyond them (a budget above the trained
+    structure) all of S, then the largest entries of `residual` = X − L_cut off S's support, at their
+    residual values. Where training reached X = L + S these are zeros; where it did not, X is what the
+    model was trained to compute, and the residual's largest entries are what the kept L and S miss most.
+    """
+    flat = sparse.flatten()
+    support = flat != 0
+    held = int(support.sum())
+    mask = torch.zeros_like(support)
+    if nnz <= held:
+        if nnz:
+            mask[torch.topk(flat.abs(), nnz).indices] = True
+        values = flat * mask
+    else:
+        score = residual.flatten().abs().masked_fill(support, -1.0)  # below every off-support entry's score
+        mask[torch.topk(score, nnz - held).indices] = True
+        values = torch.where(support, flat, residual.flatten() * mask)
+        mask |= support
+    return mask.reshape(sparse.shape), values.reshape(sparse.shape)
+
+
 @torch.no_grad()
 def extract_(model: nn.Module, states: dict[str, MatrixState], budget: Budget | None = None,
              config: SALAADConfig | None = None, round_fp16: bool = True,
@@ -605,7 +637,9 @@ def extract_(model: nn.Module, states: dict[str, MatrixState], budget: Budget | 
     """Modifies `model` in place: replace each targeted linear by a `SparseLowRankLinear` cut to `budget`.
 
     The sparse base keeps the `nnz` largest-magnitude entries of S; the adapter "lowrank" (scaling 1) keeps
-    the top `rank` singular components of L, split as A = √σ·Vᴴ, B = U·√σ. Biases are kept.
+    the top `rank` singular components of L, split as A = √σ·Vᴴ, B = U·√σ. Biases are kept. A budget above
+    the trained structure keeps all of L and S and adds the largest entries of X − L (`_cut_sparse`), so one
+    checkpoint serves budgets on both sides of the structure training aimed at.
 
     Args:
         states: every targeted matrix's full state (from `load_salaad_checkpoint` or `gather_states`).
@@ -624,23 +658,22 @@ def extract_(model: nn.Module, states: dict[str, MatrixState], budget: Budget | 
         if not st.has_tensors:
             raise ValueError(f"{name}: no SALAAD state tensors (gather the state to this rank first)")
         supply[name] = LayerSupply(st.shape, min(st.effective_rank, st.L.rank), st.L.rank,
-                                   int(torch.count_nonzero(st.S)))
+                                   int(torch.count_nonzero(st.S)), max_nnz=st.shape[0] * st.shape[1])
     plan = plan_extraction(supply, budget)
+    extended = 0
     for name, (rank, nnz) in plan.counts.items():
         st = states[name]
         linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear) or tuple(linear.weight.shape) != st.shape:
             raise ValueError(f"{name}: expected an nn.Linear of shape {st.shape} in the model")
-        flat = st.S.flatten()
-        mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-        if nnz:
-            mask[torch.topk(flat.abs(), nnz).indices] = True
-        mask = mask.reshape(st.shape)
+        x = linear.weight.detach().float().to(st.S.device)
         u, sigma, vh = st.L.U[:, :rank], st.L.s[:rank], st.L.Vh[:rank]
+        mask, values = _cut_sparse(st.S, x - (u * sigma[None, :]) @ vh, nnz)
+        extended += int(nnz > int(torch.count_nonzero(st.S)))
         if refit:
-            sigma, base = refit_to(linear.weight.detach().to(mask.device), u, vh, mask)
+            sigma, base = refit_to(x, u, vh, mask)
         else:
-            base = st.S * mask
+            base = values
         if round_fp16:
             base = _round_fp16(base)
         linear.weight.copy_(base.to(linear.weight.device, linear.weight.dtype))
@@ -662,6 +695,9 @@ def extract_(model: nn.Module, states: dict[str, MatrixState], budget: Budget | 
                                                          "extraction": {**plan.to_dict(), "refit": refit}}}
     logger.info("SALAAD extraction: factor %.4f, %d bytes (%.4f of dense fp16)", plan.factor, plan.bytes,
                 plan.bytes / plan.dense_bytes)
+    if extended:
+        logger.info("the budget lies above the trained structure: %d of %d layers keep all of S plus the largest "
+                    "entries of the trained weights' residual X − L", extended, len(plan.counts))
     return model, plan
 
 

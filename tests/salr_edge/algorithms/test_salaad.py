@@ -387,6 +387,27 @@ def test_cli_salaad_train_then_extract_then_eval(tmp_path, capsys):
     assert "1/16" in capsys.readouterr().err and not (tmp_path / "d").exists()
 
 
+def test_a_budget_above_the_trained_structure_keeps_all_of_s_and_the_largest_residual_entries(trained):
+    model, trainer, ckpt = trained
+    structure = extract(ckpt).salr_metadata["config"]["extraction"]["fraction_of_dense"]
+    budget = 0.5 * (structure + 1.0)
+    cut = extract(ckpt, budget)
+    plan = cut.salr_metadata["config"]["extraction"]
+    assert abs(plan["fraction_of_dense"] - budget) <= 0.02 * budget
+    for name, module in iter_sparse_lowrank(cut):
+        state = trainer.states[name]
+        kept, support = module.salr_mask, state.S != 0
+        assert bool(kept[support].all()), name  # every entry of S stays
+        x = model.get_submodule(name).weight.detach()
+        rank = module.total_rank
+        residual = (x - (state.L.U[:, :rank] * state.L.s[:rank]) @ state.L.Vh[:rank]).abs()
+        extra, left = kept & ~support, ~kept
+        if extra.any() and left.any():  # the entries added beside S are the residual's largest
+            assert float(residual[extra].min()) >= float(residual[left].max()) - 1e-6, name
+        assert torch.allclose(module.weight[extra], (x - (state.L.U[:, :rank] * state.L.s[:rank])
+                                                     @ state.L.Vh[:rank])[extra].half().float(), atol=1e-3)
+
+
 def test_refit_keeps_the_structure_and_moves_closer_to_the_trained_weights(trained):
     model, _, ckpt = trained
     plain, refit = extract(ckpt, 0.5), extract(ckpt, 0.5, refit=True)
