@@ -7,10 +7,13 @@ magnitude pruning + SVD residual of the dense model at the same bytes.
    the budget; "matched" takes the rank SALAAD's cut uses at that budget (its byte-weighted mean rank).
 3. One SALAAD run on WikiText-2 valid within `--max-minutes` (the number of steps is fitted to the time
    from a timing of one step and one ADMM round, unless `--steps` is given), saved as a SALAAD checkpoint.
-4. Every budget cut from that checkpoint (`salr_edge.salaad.extract`) and evaluated, as published (L and S
-   as trained) and with `refit=True` (same structure, magnitudes re-fit to the trained X by least squares:
-   where the two differ, training stopped before X reached L + S), plus the trained dense weights X and the
-   trained structure (factor 1).
+4. Every budget cut from that checkpoint (`salr_edge.salaad.extract`) and evaluated with each fit in `--fits`:
+   "none" as published (L and S as trained), "refit" (same structure, magnitudes re-fit to the trained X by
+   least squares), "project" (the planned per-matrix ranks and non-zeros, fitted to X by alternating
+   projections); the last two differ from the first where training stopped before X reached L + S. Plus the
+   trained dense weights X and the trained structure (factor 1).
+5. With `--x-baseline-ranks`, the baseline's method applied to the trained X instead of the dense model: what
+   fine-tuning alone buys, so the SALAAD rows can be read as fine-tuning + structure.
 
 Bytes are those of the targeted layers as stored: bitmap + fp16 values + int64 row offsets + fp16 adapters
 (`quality_table.layer_bytes`), as a fraction of their dense fp16 bytes. SALAAD trains on WikiText-2 valid
@@ -38,7 +41,7 @@ from pathlib import Path
 import torch
 
 from ..algorithms.salaad import layer_bytes as salaad_layer_bytes
-from ..algorithms.salaad import prepare_model
+from ..algorithms.salaad import FITS, prepare_model
 from ..api import compress_
 from ..config import SALAADConfig, SALRConfig
 from ..data import load_token_stream
@@ -113,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="fractions of the dense fp16 bytes of the targeted layers")
     parser.add_argument("--baseline-ranks", default="matched,64",
                         help="SVD residual ranks of the baseline ('matched': SALAAD's mean rank at that budget)")
+    parser.add_argument("--x-baseline-ranks", default="",
+                        help="the baseline's ranks applied to the trained X as well (e.g. 'matched'; default none)")
+    parser.add_argument("--fits", default="none,refit,project",
+                        help="fits of the SALAAD cuts to evaluate (none: as published; refit; project)")
     parser.add_argument("--max-minutes", type=float, default=60.0, help="wall-clock limit of the SALAAD training")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: fitted to --max-minutes)")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -140,13 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    from ..salaad import SALAAD_CONFIG_NAME, extract, save_salaad_checkpoint, train_salaad
+    from ..salaad import SALAAD_CONFIG_NAME, extract, load_salaad_checkpoint, save_salaad_checkpoint, train_salaad
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     out = check_writable_parent(args.output)  # fail before minutes of loading and training
     workdir = Path(args.workdir) if args.workdir else cache_dir() / "salaad" / f"{out.stem}_ckpt"  # ~1.5 GB
     budgets = [float(b) for b in args.budgets.split(",") if b]
+    fits = [f for f in args.fits.split(",") if f]
+    if not fits or any(f not in FITS for f in fits):
+        parser.error(f"--fits takes a comma-separated subset of {', '.join(FITS)}, got {args.fits!r}")
     base, tokenizer = load_model(args.model)
     base.to(device)
     data = Path(args.data_dir) / "wikitext-2"
@@ -225,19 +235,20 @@ def main(argv: list[str] | None = None) -> int:
         save_salaad_checkpoint(model, trainer, workdir, tokenizer, extra={"train": config_dict(train),
                                                                            "history": history})
         save()
-        rows[:] = [r for r in rows if not r["variant"].startswith("salaad")]  # a new run replaces old SALAAD rows
+        rows[:] = [r for r in rows if "salaad" not in r["variant"]]  # a new run replaces the rows it made
         done = {(r["variant"], r.get("budget")) for r in rows}
         record("salaad X (dense, trained)", None, model, {"layer_bytes": dense_bytes})
         del model, trainer
 
     # ---- cuts of the one checkpoint -------------------------------------------------------------------
     matched: dict[float, int] = {}
-    for budget, refit in [(b, r) for b in [None, *budgets] for r in (False, True)]:
-        variant = ("salaad" if budget is not None else "salaad (trained structure)") + (" + refit" if refit else "")
-        if (variant, budget) in done and (refit or budget is None or budget in matched):
+    for budget, fit in [(b, f) for b in [None, *budgets] for f in fits]:
+        variant = ("salaad" if budget is not None else "salaad (trained structure)") + \
+            ("" if fit == "none" else f" + {fit}")
+        if (variant, budget) in done and (budget is None or budget in matched):
             continue
         try:
-            model = extract(workdir, budget, refit=refit)
+            model = extract(workdir, budget, fit=fit)
         except ValueError as exc:
             logger.warning("budget %s: %s", budget, exc)
             if (variant, budget) not in done:
@@ -245,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                 save()
             continue
         plan = model.salr_metadata["config"]["extraction"]
-        if budget is not None and not refit:
+        if budget is not None and budget not in matched:  # the plan (and so the rank) is the same for every fit
             weights = {n: 2 * s[0] * s[1] for n, s in zip(names, shapes)}
             ranks = sum(plan["layers"][n]["rank"] * w for n, w in weights.items())
             matched[budget] = round(ranks / sum(weights.values()))
@@ -254,26 +265,29 @@ def main(argv: list[str] | None = None) -> int:
                                             "mean_rank": sum(v["rank"] for v in plan["layers"].values()) / len(names)})
         del model
 
-    # ---- baseline: magnitude pruning + SVD residual of the dense model --------------------------------
-    for budget in budgets:
-        for spec in (r for r in args.baseline_ranks.split(",") if r):
-            rank = matched.get(budget) if spec == "matched" else int(spec)
-            if rank is None:
-                continue
-            variant = f"magnitude+svd (rank {'matched' if spec == 'matched' else rank})"
-            if (variant, budget) in done:
-                continue
-            sparsity = baseline_sparsity(shapes, rank, budget * dense_bytes)
-            if sparsity is None:
-                rows.append({"variant": variant, "budget": budget, "ppl": None, "rank": rank,
-                             "error": "no sparsity in [0, 1) meets this budget with this rank"})
-                save()
-                continue
-            model = copy.deepcopy(base)
-            compress_(model, SALRConfig(sparsity=sparsity, rank=rank, lora_rank=0, pruning="magnitude"),
-                      show_progress=False)
-            record(variant, budget, model, {"sparsity": sparsity, "rank": rank})
-            del model
+    # ---- baseline: magnitude pruning + SVD residual of the dense model (and of the trained X) ----------
+    trained_x = None
+    for budget, of_x, spec in [(b, x, r) for x, ranks in ((False, args.baseline_ranks), (True, args.x_baseline_ranks))
+                               for b in budgets for r in ranks.split(",") if r]:
+        rank = matched.get(budget) if spec == "matched" else int(spec)
+        if rank is None:
+            continue
+        variant = f"magnitude+svd{' of salaad X' if of_x else ''} (rank {'matched' if spec == 'matched' else rank})"
+        if (variant, budget) in done:
+            continue
+        sparsity = baseline_sparsity(shapes, rank, budget * dense_bytes)
+        if sparsity is None:
+            rows.append({"variant": variant, "budget": budget, "ppl": None, "rank": rank,
+                         "error": "no sparsity in [0, 1) meets this budget with this rank"})
+            save()
+            continue
+        if of_x and trained_x is None:
+            trained_x = load_salaad_checkpoint(workdir)[0]
+        model = copy.deepcopy(trained_x if of_x else base)
+        compress_(model, SALRConfig(sparsity=sparsity, rank=rank, lora_rank=0, pruning="magnitude"),
+                  show_progress=False)
+        record(variant, budget, model, {"sparsity": sparsity, "rank": rank})
+        del model
 
     _write_markdown(out, report)
     _plot(out, report)
@@ -291,6 +305,9 @@ def _write_markdown(out: Path, report: dict) -> None:
     atomic_write_text(out.with_suffix(".md"), "\n".join(md) + "\n")
 
 
+STAR_COLORS = {"refit": "tab:orange", "project": "tab:green"}
+
+
 def _plot(out: Path, report: dict) -> None:
     import matplotlib
 
@@ -305,7 +322,7 @@ def _plot(out: Path, report: dict) -> None:
         if r["budget"] is None:
             if r["variant"].startswith("salaad (trained structure)"):  # a point: its size is whatever training reached
                 ax.plot([r["fraction_of_dense"]], [r["ppl"]], marker="*", markersize=12, linestyle="none",
-                        color="tab:orange" if "refit" in r["variant"] else "tab:blue",
+                        color=STAR_COLORS.get(r["variant"].partition(" + ")[2], "tab:blue"),
                         label=f"{r['variant']} ({r['ppl']:.1f})")
             else:
                 style = ("--", "black") if r["variant"] == "dense" else (":", "tab:purple")
@@ -313,8 +330,8 @@ def _plot(out: Path, report: dict) -> None:
                            label=f"{r['variant']} ({r['ppl']:.1f})")
             continue
         curves.setdefault(r["variant"], []).append((r["fraction_of_dense"], r["ppl"]))
-    colors = {"salaad": "tab:blue", "salaad + refit": "tab:orange"}  # the stars above use the same
-    others = iter(["tab:green", "tab:red", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"])
+    colors = {"salaad": "tab:blue", **{f"salaad + {f}": c for f, c in STAR_COLORS.items()}}  # as the stars
+    others = iter(["tab:red", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"])
     for variant, points in curves.items():
         points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=variant,

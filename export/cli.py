@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget", default=None,
                         help="SALAAD checkpoints: size to cut to, as a fraction of the targeted layers' dense fp16 "
                              "bytes (0.4, 40%%), bytes (40MB) or parameters (20M params); default: as trained")
+    parser.add_argument("--fit", choices=["none", "refit", "project"], default=None,
+                        help="SALAAD checkpoints: how the cut is fitted to the trained weights (see `salr salaad "
+                             "extract --help`); default none")
     parser.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="model dtype, activations included")
     parser.add_argument("--values-dtype", choices=["fp16", "fp32"], default="fp16",
                         help="dtype of the stored non-zeros (fp32 only with --dtype fp32)")
@@ -118,11 +121,12 @@ def _load(args: argparse.Namespace, salr_config):
             parse_budget(args.budget)  # a malformed budget fails before the weights load
         get_architecture(AutoConfig.from_pretrained(str(directory)))
         logger.info("cutting SALAAD checkpoint %s to budget %s", directory, args.budget or "as trained")
-        return extract(directory, args.budget), _load_tokenizer(directory)
+        return extract(directory, args.budget, fit=args.fit or "none"), _load_tokenizer(directory)
 
-    if args.budget is not None:
-        raise ValueError("--budget applies only to a SALAAD checkpoint (--checkpoint DIR holding "
-                         "salaad_config.json, from `salr salaad train`)")
+    for option, value in (("--budget", args.budget), ("--fit", args.fit)):
+        if value is not None:
+            raise ValueError(f"{option} applies only to a SALAAD checkpoint (--checkpoint DIR holding "
+                             "salaad_config.json, from `salr salaad train`)")
     if args.checkpoint is not None:
         from salr_edge.checkpoint import load_compressed, read_salr_config
 

@@ -150,7 +150,7 @@ def cmd_salaad_extract(args: argparse.Namespace) -> int:
 
     check_writable_parent(args.output)
     read_salaad_config(args.checkpoint)  # a clear error before loading anything heavy
-    model = extract(args.checkpoint, args.budget, refit=args.refit)
+    model = extract(args.checkpoint, args.budget, fit=args.fit)
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     except (OSError, ValueError):
@@ -263,8 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="compressed checkpoint directory to write")
     p.add_argument("--values-dtype", choices=sorted(_DTYPES), default="fp16",
                    help="dtype of the stored non-zeros and adapters (the budget counts fp16)")
-    p.add_argument("--refit", action="store_true",
-                   help="re-fit the kept singular values and sparse values to the trained weights (least squares)")
+    p.add_argument("--fit", choices=["none", "refit", "project"], default="none",
+                   help="none: L and S as trained (default); refit: their structure, values re-fit to the trained "
+                        "weights by least squares; project: the planned ranks and non-zeros, directions and "
+                        "entries re-chosen by alternating projections onto the trained weights")
     p.set_defaults(func=cmd_salaad_extract)
 
     try:

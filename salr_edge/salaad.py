@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .algorithms.salaad import (SCALAR_FIELDS, TENSOR_FIELDS, Budget, BudgetSpec, ExtractionPlan, MatrixState,
+from .algorithms.salaad import (SCALAR_FIELDS, TENSOR_FIELDS, FITS, Budget, BudgetSpec, ExtractionPlan, MatrixState,
                                 SALAADTrainer, extract_, layer_bytes, parse_budget, plan_extraction, train_salaad)
 from .checkpoint import CheckpointError, read_versioned_json
 from .config import SALAADConfig
@@ -151,7 +151,7 @@ def load_salaad_checkpoint(directory: str | os.PathLike, dtype: torch.dtype = to
 
 
 def extract(checkpoint_dir: str | os.PathLike, budget: Budget | None = None, dtype: torch.dtype = torch.float32,
-            round_fp16: bool = True, refit: bool = False) -> nn.Module:
+            round_fp16: bool = True, fit: str = "none") -> nn.Module:
     """A model with `SparseLowRankLinear` layers cut from a SALAAD checkpoint to `budget`.
 
     Args:
@@ -159,11 +159,15 @@ def extract(checkpoint_dir: str | os.PathLike, budget: Budget | None = None, dty
             such as "40MB"), or parameters ("20M params"); None keeps the trained structure. Bytes count the
             bitmap, fp16 values, int64 row offsets and fp16 adapters; the result lands within ±2%.
         round_fp16: round the kept values and adapters through fp16 (what an fp16 checkpoint stores).
-        refit: re-fit the kept singular values and S values to the trained X by least squares (see `extract_`).
+        fit: "none" (L and S as trained), "refit" (their structure, values re-fit to the trained X by least
+            squares) or "project" (the planned ranks and non-zeros, fitted to X by alternating projections);
+            see `extract_`.
 
     Returns:
         The model (its `salr_metadata["config"]["extraction"]` holds the plan), ready for `save_compressed`.
     """
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {', '.join(FITS)}, got {fit!r}")
     model, states, config = load_salaad_checkpoint(checkpoint_dir, dtype)
-    model, _ = extract_(model, states, budget, config, round_fp16, refit)
+    model, _ = extract_(model, states, budget, config, round_fp16, fit)
     return model

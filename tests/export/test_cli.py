@@ -229,6 +229,11 @@ def test_budget_needs_a_salaad_checkpoint(tiny_dirs, tmp_path, capsys):
                   capsys, tmp_path, "--budget applies only to a SALAAD checkpoint")
 
 
+def test_fit_needs_a_salaad_checkpoint(tiny_dirs, tmp_path, capsys):
+    _expect_error([str(tmp_path / "m.onnx"), "--checkpoint", str(tiny_dirs / "ckpt"), "--fit", "project"],
+                  capsys, tmp_path, "--fit applies only to a SALAAD checkpoint")
+
+
 def test_malformed_budget_is_refused(tiny_dirs, tmp_path, capsys):
     _expect_error([str(tmp_path / "m.onnx"), "--checkpoint", str(tiny_dirs / "salaad"), "--budget", "1.5x"],
                   capsys, tmp_path, "cannot read budget '1.5x'")

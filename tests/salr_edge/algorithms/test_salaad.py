@@ -8,7 +8,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from salr_edge.algorithms.salaad import (LayerSupply, MatrixState, SALAADTrainer, initialize_state, layer_bytes,
-                                         parse_budget, plan_extraction, prepare_model, run_round, scheduled_rho)
+                                         parse_budget, plan_extraction, prepare_model, project_to, run_round,
+                                         scheduled_rho)
 from salr_edge.checkpoint import CheckpointError, load_compressed, save_compressed
 from salr_edge.config import SALAADConfig, SALRConfig
 from salr_edge.modules.sparse_lowrank_linear import iter_sparse_lowrank
@@ -374,9 +375,9 @@ def test_cli_salaad_train_then_extract_then_eval(tmp_path, capsys):
     assert (tmp_path / "s" / "salaad_log.jsonl").is_file()
     assert json.loads((tmp_path / "s" / "salaad_config.json").read_text())["config"]["target_density_mlp"] == 0.4
     assert main(["salaad", "extract", "--checkpoint", str(tmp_path / "s"), "--budget", "40%", "--output",
-                 str(tmp_path / "c")]) == 0
+                 str(tmp_path / "c"), "--fit", "project"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert report["fraction_of_dense"] == pytest.approx(0.4, abs=0.008)
+    assert report["fraction_of_dense"] == pytest.approx(0.4, abs=0.008) and report["fit"] == "project"
     assert main(["eval", "--model-or-checkpoint", str(tmp_path / "c"), "--data", str(text), "--context", "64",
                  "--max-windows", "2"]) == 0
     assert main(["salaad", "extract", "--checkpoint", str(tmp_path / "c"), "--budget", "0.4", "--output",
@@ -410,10 +411,66 @@ def test_a_budget_above_the_trained_structure_keeps_all_of_s_and_the_largest_res
 
 def test_refit_keeps_the_structure_and_moves_closer_to_the_trained_weights(trained):
     model, _, ckpt = trained
-    plain, refit = extract(ckpt, 0.5), extract(ckpt, 0.5, refit=True)
-    assert refit.salr_metadata["config"]["extraction"]["refit"] is True
+    plain, refit = extract(ckpt, 0.5), extract(ckpt, 0.5, fit="refit")
+    assert refit.salr_metadata["config"]["extraction"]["fit"] == "refit"
     for (name, a), (_, b) in zip(iter_sparse_lowrank(plain), iter_sparse_lowrank(refit)):
         assert torch.equal(a.salr_mask, b.salr_mask) and a.total_rank == b.total_rank
         x = model.get_submodule(name).weight.detach()
         error = lambda m: float((x - m.weight - m.get_delta_weight()).detach().norm())  # noqa: E731
         assert error(b) <= error(a) + 1e-4, name
+
+
+def _cut_error(x, module):
+    return float((x - module.weight - module.get_delta_weight()).detach().norm())
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.85])  # below and above the trained structure
+def test_project_keeps_the_planned_counts_and_moves_closer_to_the_trained_weights(trained, budget):
+    model, _, ckpt = trained
+    plain, projected = extract(ckpt, budget), extract(ckpt, budget, fit="project")
+    assert projected.salr_metadata["config"]["extraction"]["fit"] == "project"
+    plan = projected.salr_metadata["config"]["extraction"]
+    assert plan["bytes"] == plain.salr_metadata["config"]["extraction"]["bytes"]
+    for (name, a), (_, b) in zip(iter_sparse_lowrank(plain), iter_sparse_lowrank(projected)):
+        assert a.total_rank == b.total_rank and int(a.salr_mask.sum()) == int(b.salr_mask.sum()), name
+        x = model.get_submodule(name).weight.detach()
+        assert _cut_error(x, b) <= _cut_error(x, a) + 1e-3, name
+
+
+def test_extract_rejects_an_unknown_fit(trained):
+    with pytest.raises(ValueError, match="fit must be one of none, refit, project, got 'best'"):
+        extract(trained[2], 0.5, fit="best")
+
+
+def _projection_error(x, result):
+    u, sigma, vh, mask = result
+    return float(torch.where(mask, 0.0, x - (u * sigma) @ vh).norm())
+
+
+def test_one_projection_from_zero_is_magnitude_pruning_plus_the_svd_of_the_residual():
+    torch.manual_seed(0)
+    x, rank, nnz = torch.randn(40, 70), 3, 900
+    u, sigma, vh, _ = project_to(x, torch.zeros(40, rank), torch.zeros(rank), torch.zeros(rank, 70), nnz, 1)
+    largest = torch.zeros(2800, dtype=torch.bool)
+    largest[torch.topk(x.abs().flatten(), nnz).indices] = True
+    ref_u, ref_s, ref_vh = torch.linalg.svd(torch.where(largest.reshape(40, 70), 0.0, x), full_matrices=False)
+    assert torch.allclose((u * sigma) @ vh, (ref_u[:, :rank] * ref_s[:rank]) @ ref_vh[:rank], atol=1e-4)
+
+
+def test_projection_error_never_rises_with_more_iterations():
+    torch.manual_seed(1)
+    x = torch.randn(50, 30) @ torch.randn(30, 60) / 30 + torch.randn(50, 60)
+    rank, nnz = 4, 1200
+    zeros = (torch.zeros(50, rank), torch.zeros(rank), torch.zeros(rank, 60))
+    errors = [_projection_error(x, project_to(x, *zeros, nnz, it, tol=0.0)) for it in (1, 2, 4, 8)]
+    assert all(b <= a + 1e-4 for a, b in zip(errors, errors[1:])) and errors[-1] < errors[0]
+
+
+def test_projection_recovers_an_exact_low_rank_plus_sparse_matrix():
+    torch.manual_seed(2)
+    low = torch.randn(60, 2) @ torch.randn(2, 80)
+    spikes = torch.zeros(4800)
+    spikes[torch.randperm(4800)[:240]] = 20 * torch.sign(torch.randn(240))
+    x = low + spikes.reshape(60, 80)
+    zeros = (torch.zeros(60, 2), torch.zeros(2), torch.zeros(2, 80))
+    assert _projection_error(x, project_to(x, *zeros, 240, iterations=30, tol=0.0)) < 1e-3 * float(x.norm())
