@@ -96,8 +96,10 @@ def _models(n, k, m, sparsity, values_kind, rank, seed, group_size=32):
         w_pruned[mask] = deq  # exactly what SALRLinearQ multiplies by
     else:
         w_pruned = np.where(mask, w, 0).astype(vdt).astype(np.float32)  # exactly what SALRLinear multiplies by
-    a = (rng.standard_normal((rank, k)) / np.sqrt(k)).astype(np.float32)
-    b = (rng.standard_normal((n, rank)) * 0.1).astype(np.float32)
+    # fp16-valued adapters in fp32 tensors: what an exported model's Cast(fp16 -> fp32) of its stored adapters
+    # gives the kernel (ORT folds the Cast), so the kernel takes the same adapter path as in a real model
+    a = (rng.standard_normal((rank, k)) / np.sqrt(k)).astype(np.float16).astype(np.float32)
+    b = (rng.standard_normal((n, rank)) * 0.1).astype(np.float16).astype(np.float32)
     opsets = [helper.make_opsetid("", 17)]
 
     x_info = helper.make_tensor_value_info("X", TensorProto.FLOAT, [m, k])
@@ -119,7 +121,7 @@ def _models(n, k, m, sparsity, values_kind, rank, seed, group_size=32):
     salr = helper.make_model(helper.make_graph([node], "salr", [x_info], [y_info], inits),
                              opset_imports=opsets + [helper.make_opsetid(SALR_DOMAIN, 1)])
     salr.ir_version = 8
-    salr_bytes = sum(t.nbytes for t, _ in weight) + a.nbytes + b.nbytes
+    salr_bytes = sum(t.nbytes for t, _ in weight) + (a.size + b.size) * 2  # adapters as stored: fp16
     return dense, salr, salr_bytes, dense_w
 
 

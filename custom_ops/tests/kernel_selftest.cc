@@ -440,6 +440,10 @@ int main(int argc, char** argv) {
     check_linear(rng, 33, 112, 1, 2, 0.5, true, vt);
     check_linear(rng, 41, 104, 24, 4, 0.5, true, vt);
     check_linear(rng, 130, 1024, 1, 8, 0.3, false, vt);
+    // prefill on both sides of the dense-tile density: 50 rows (a 36-row chunk and 14 = 6 + 6 + 2), m = 70
+    // (a 64-row block and an 8-row one)
+    check_linear(rng, 50, 300, 70, 5, 0.3, false, vt);
+    check_linear(rng, 50, 300, 70, 0, 0.95, false, vt);
   }
   for (int bits : {4, 8}) {
     check_quantized(rng, 40, 128, 1, bits, 32, 0.5, true);   // integer path

@@ -53,9 +53,9 @@ SHAPES = [
 ROWS = [1, 7, 64, 128]
 
 
-def _salr_case(rng, n, k, kind, m, xdt, vdt, rank, bias, x_shape=None):
+def _salr_case(rng, n, k, kind, m, xdt, vdt, rank, bias, x_shape=None, density=0.5):
     w = rng.standard_normal((n, k)).astype(np.float32)
-    bitmap, values, offsets = encode_bitmap(w, make_mask(rng, n, k, kind), vdt)
+    bitmap, values, offsets = encode_bitmap(w, make_mask(rng, n, k, kind, density), vdt)
     x = rng.standard_normal(x_shape or (m, k)).astype(xdt)
     a = (rng.standard_normal((rank, k)) / np.sqrt(k)).astype(xdt)
     b = rng.standard_normal((n, rank)).astype(xdt)  # B != 0: the adapter path must contribute
@@ -98,6 +98,19 @@ def test_salr_linear_paths_agree(salr_lib, monkeypatch, kernels, m):
     use_kernel_set(monkeypatch, kernels)
     feeds, scale = _salr_case(rng, 301, 1030, "special", m, np.float32, np.float16, 7, True)
     model, run_feeds = make_model(SALR_LINEAR, feeds, set(feeds) - {"X"}, {IN_FEATURES_ATTR: 1030}, np.float32)
+    y = make_session(salr_lib, model, 2).run(None, run_feeds)[0]
+    assert_close(y, reference_output(model, feeds), scale)
+
+
+@pytest.mark.parametrize("kernels", ["best", "scalar"])
+@pytest.mark.parametrize("density", [0.2, 0.38, 0.42, 0.9])
+def test_salr_linear_prefill_on_both_sides_of_the_dense_tile_density(salr_lib, monkeypatch, kernels, density):
+    """The prefill runs kept-entry lists below 40% density and decoded dense tiles from it on: both agree with
+    the reference, with a partial last row group (77 rows) and a partial last block of activation rows (m = 70)."""
+    rng = np.random.default_rng(int(density * 100))
+    use_kernel_set(monkeypatch, kernels)
+    feeds, scale = _salr_case(rng, 77, 203, "special", 70, np.float32, np.float16, 5, True, density=density)
+    model, run_feeds = make_model(SALR_LINEAR, feeds, set(feeds) - {"X"}, {IN_FEATURES_ATTR: 203}, np.float32)
     y = make_session(salr_lib, model, 2).run(None, run_feeds)[0]
     assert_close(y, reference_output(model, feeds), scale)
 

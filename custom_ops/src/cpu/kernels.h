@@ -131,6 +131,10 @@ struct KernelSet {
   // acc[0 : 8 * nvec] += sum_i val[i] * xt[idx[i] * stride : ... + 8 * nvec].
   void (*axpy_block)(const int32_t* idx, const float* val, int64_t cnt, const float* xt, int64_t stride,
                      float* acc, int nvec);
+  // acc[r * ldacc + j] += sum_{k < len} w[r * ldw + k] * xt[k * stride + j] for r < rows <= 6, j < 8 * nvec,
+  // nvec 1 or 2: the dense prefill microkernel (decoded rows of W against a block of X^T).
+  void (*dense_block)(const float* w, int64_t ldw, int rows, int64_t len, const float* xt, int64_t stride,
+                      float* acc, int64_t ldacc, int nvec);
   void (*f16_to_f32)(const uint16_t* src, float* dst, int64_t n);
   void (*f32_to_f16)(const float* src, uint16_t* dst, int64_t n);
   // Quantized weights: fp32 values [v0, v1) (v1 - v0 of them) of w, dequantized.

@@ -220,6 +220,47 @@ void axpy_block(const int32_t* idx, const float* val, int64_t cnt, const float* 
   }
 }
 
+// R rows x 8 NV columns: 4 R NV q-register accumulators (at most 24 of the 32), the W entry as a scalar operand.
+template <int R, int NV>
+inline void dense_rn(const float* w, int64_t ldw, int64_t len, const float* xt, int64_t stride, float* acc,
+                     int64_t ldacc) {
+  float32x4_t a[R][2 * NV];
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < 2 * NV; ++q) a[r][q] = vld1q_f32(acc + r * ldacc + 4 * q);
+  for (int64_t k = 0; k < len; ++k) {
+    float32x4_t x[2 * NV];
+    for (int q = 0; q < 2 * NV; ++q) x[q] = vld1q_f32(xt + k * stride + 4 * q);
+    for (int r = 0; r < R; ++r) {
+      const float v = w[r * ldw + k];
+      for (int q = 0; q < 2 * NV; ++q) a[r][q] = vfmaq_n_f32(a[r][q], x[q], v);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < 2 * NV; ++q) vst1q_f32(acc + r * ldacc + 4 * q, a[r][q]);
+}
+
+template <int NV>
+void dense_nv(const float* w, int64_t ldw, int rows, int64_t len, const float* xt, int64_t stride, float* acc,
+              int64_t ldacc) {
+  switch (rows) {
+    case 6: dense_rn<6, NV>(w, ldw, len, xt, stride, acc, ldacc); break;
+    case 5: dense_rn<5, NV>(w, ldw, len, xt, stride, acc, ldacc); break;
+    case 4: dense_rn<4, NV>(w, ldw, len, xt, stride, acc, ldacc); break;
+    case 3: dense_rn<3, NV>(w, ldw, len, xt, stride, acc, ldacc); break;
+    case 2: dense_rn<2, NV>(w, ldw, len, xt, stride, acc, ldacc); break;
+    default: dense_rn<1, NV>(w, ldw, len, xt, stride, acc, ldacc); break;
+  }
+}
+
+void dense_block(const float* w, int64_t ldw, int rows, int64_t len, const float* xt, int64_t stride, float* acc,
+                 int64_t ldacc, int nvec) {
+  if (nvec >= 2) {
+    dense_nv<2>(w, ldw, rows, len, xt, stride, acc, ldacc);
+  } else {
+    dense_nv<1>(w, ldw, rows, len, xt, stride, acc, ldacc);
+  }
+}
+
 void f16_to_f32(const uint16_t* src, float* dst, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
@@ -272,7 +313,7 @@ void panels_f16_neon(const AdapterPanels& p, const float* t, float* y, int64_t g
 
 const KernelSet* neon_kernels() {
   static const KernelSet ks = {"neon",     gemv_rows,  scalar_kernels().decode_row_f32, scalar_kernels().extract_row,
-                               dot_nt,     axpy_block, f16_to_f32,                      f32_to_f16,
+                               dot_nt,     axpy_block, dense_block, f16_to_f32,         f32_to_f16,
                                // quantized weights: portable dequantization, then the NEON float kernels
                                // (no integer path yet: null sends batch 1 through the float path too)
                                dequantize_values, nullptr, nullptr, dot_rows_f16_neon, panels_f16_neon};

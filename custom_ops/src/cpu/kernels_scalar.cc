@@ -156,6 +156,19 @@ void axpy_block(const int32_t* idx, const float* val, int64_t cnt, const float* 
   }
 }
 
+void dense_block(const float* w, int64_t ldw, int rows, int64_t len, const float* xt, int64_t stride, float* acc,
+                 int64_t ldacc, int nvec) {
+  const int width = 8 * nvec;
+  for (int r = 0; r < rows; ++r) {
+    float* a = acc + r * ldacc;
+    for (int64_t k = 0; k < len; ++k) {
+      const float v = w[r * ldw + k];
+      const float* xp = xt + k * stride;
+      for (int j = 0; j < width; ++j) a[j] += v * xp[j];
+    }
+  }
+}
+
 void f16_to_f32(const uint16_t* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = half_to_float(src[i]);
 }
@@ -245,9 +258,9 @@ Runner serial_runner() {
 }
 
 const KernelSet& scalar_kernels() {
-  static const KernelSet ks = {"scalar",   gemv_rows,  decode_row_f32,    extract_row,  dot_nt,
-                               axpy_block, f16_to_f32, f32_to_f16,        dequantize_values, gemv_rows_q24,
-                               quantize_q24, dot_rows_f16, panels_f16};
+  static const KernelSet ks = {"scalar",   gemv_rows,   decode_row_f32, extract_row,       dot_nt,
+                               axpy_block, dense_block, f16_to_f32,     f32_to_f16,        dequantize_values,
+                               gemv_rows_q24, quantize_q24, dot_rows_f16, panels_f16};
   return ks;
 }
 
