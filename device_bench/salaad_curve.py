@@ -339,7 +339,7 @@ def _plot(out: Path, report: dict) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("stored bytes of the targeted layers / dense fp16")
     ax.set_ylabel(f"WikiText-2 test perplexity ({report['max_windows']}×{report['context']} tokens)")
-    ax.set_title(f"SALAAD cuts of one checkpoint vs magnitude + SVD ({report['model']})")
+    ax.set_title(f"SALAAD cuts of one checkpoint vs magnitude + SVD\n({report['model']})", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
