@@ -8,7 +8,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from salr_edge.algorithms.salaad import (LayerSupply, MatrixState, SALAADTrainer, initialize_state, layer_bytes,
-                                         parse_budget, plan_extraction, prepare_model, project_to, run_round,
+                                         parse_budget, plan_extraction, prepare_model, project_best, project_to,
+                                         projection_error, run_round,
                                          scheduled_rho)
 from salr_edge.checkpoint import CheckpointError, load_compressed, save_compressed
 from salr_edge.config import SALAADConfig, SALRConfig
@@ -443,8 +444,7 @@ def test_extract_rejects_an_unknown_fit(trained):
 
 
 def _projection_error(x, result):
-    u, sigma, vh, mask = result
-    return float(torch.where(mask, 0.0, x - (u * sigma) @ vh).norm())
+    return projection_error(x, *result)
 
 
 def test_one_projection_from_zero_is_magnitude_pruning_plus_the_svd_of_the_residual():
@@ -474,3 +474,22 @@ def test_projection_recovers_an_exact_low_rank_plus_sparse_matrix():
     x = low + spikes.reshape(60, 80)
     zeros = (torch.zeros(60, 2), torch.zeros(2), torch.zeros(2, 80))
     assert _projection_error(x, project_to(x, *zeros, 240, iterations=30, tol=0.0)) < 1e-3 * float(x.norm())
+
+
+def test_best_projection_keeps_the_start_with_the_lower_error():
+    torch.manual_seed(3)
+    x = torch.randn(50, 30) @ torch.randn(30, 60) / 30 + torch.randn(50, 60)
+    rank, nnz = 4, 1000
+    u, sigma, vh = torch.randn(50, rank), 5 * torch.rand(rank), torch.randn(rank, 60)  # a poor cut L
+    starts = [project_to(x, u, sigma, vh, nnz), project_to(x, u, torch.zeros(rank), vh, nnz)]
+    best = _projection_error(x, project_best(x, u, sigma, vh, nnz))
+    assert best == pytest.approx(min(_projection_error(x, r) for r in starts), rel=1e-6)
+
+
+def test_best_projection_is_never_worse_than_magnitude_pruning_plus_svd():
+    torch.manual_seed(4)
+    x = torch.randn(40, 70)
+    rank, nnz = 3, 900
+    baseline = project_to(x, torch.zeros(40, rank), torch.zeros(rank), torch.zeros(rank, 70), nnz, 1)
+    u, sigma, vh = torch.randn(40, rank), torch.rand(rank), torch.randn(rank, 70)
+    assert _projection_error(x, project_best(x, u, sigma, vh, nnz)) <= _projection_error(x, baseline) + 1e-4
