@@ -443,10 +443,6 @@ def test_extract_rejects_an_unknown_fit(trained):
         extract(trained[2], 0.5, fit="best")
 
 
-def _projection_error(x, result):
-    return projection_error(x, *result)
-
-
 def test_one_projection_from_zero_is_magnitude_pruning_plus_the_svd_of_the_residual():
     torch.manual_seed(0)
     x, rank, nnz = torch.randn(40, 70), 3, 900
@@ -462,7 +458,7 @@ def test_projection_error_never_rises_with_more_iterations():
     x = torch.randn(50, 30) @ torch.randn(30, 60) / 30 + torch.randn(50, 60)
     rank, nnz = 4, 1200
     zeros = (torch.zeros(50, rank), torch.zeros(rank), torch.zeros(rank, 60))
-    errors = [_projection_error(x, project_to(x, *zeros, nnz, it, tol=0.0)) for it in (1, 2, 4, 8)]
+    errors = [projection_error(x, *project_to(x, *zeros, nnz, it, tol=0.0)) for it in (1, 2, 4, 8)]
     assert all(b <= a + 1e-4 for a, b in zip(errors, errors[1:])) and errors[-1] < errors[0]
 
 
@@ -473,7 +469,7 @@ def test_projection_recovers_an_exact_low_rank_plus_sparse_matrix():
     spikes[torch.randperm(4800)[:240]] = 20 * torch.sign(torch.randn(240))
     x = low + spikes.reshape(60, 80)
     zeros = (torch.zeros(60, 2), torch.zeros(2), torch.zeros(2, 80))
-    assert _projection_error(x, project_to(x, *zeros, 240, iterations=30, tol=0.0)) < 1e-3 * float(x.norm())
+    assert projection_error(x, *project_to(x, *zeros, 240, iterations=30, tol=0.0)) < 1e-3 * float(x.norm())
 
 
 def test_best_projection_keeps_the_start_with_the_lower_error():
@@ -482,8 +478,8 @@ def test_best_projection_keeps_the_start_with_the_lower_error():
     rank, nnz = 4, 1000
     u, sigma, vh = torch.randn(50, rank), 5 * torch.rand(rank), torch.randn(rank, 60)  # a poor cut L
     starts = [project_to(x, u, sigma, vh, nnz), project_to(x, u, torch.zeros(rank), vh, nnz)]
-    best = _projection_error(x, project_best(x, u, sigma, vh, nnz))
-    assert best == pytest.approx(min(_projection_error(x, r) for r in starts), rel=1e-6)
+    best = projection_error(x, *project_best(x, u, sigma, vh, nnz))
+    assert best == pytest.approx(min(projection_error(x, *r) for r in starts), rel=1e-6)
 
 
 def test_best_projection_is_never_worse_than_magnitude_pruning_plus_svd():
@@ -492,4 +488,4 @@ def test_best_projection_is_never_worse_than_magnitude_pruning_plus_svd():
     rank, nnz = 3, 900
     baseline = project_to(x, torch.zeros(40, rank), torch.zeros(rank), torch.zeros(rank, 70), nnz, 1)
     u, sigma, vh = torch.randn(40, rank), torch.rand(rank), torch.randn(rank, 70)
-    assert _projection_error(x, project_best(x, u, sigma, vh, nnz)) <= _projection_error(x, baseline) + 1e-4
+    assert projection_error(x, *project_best(x, u, sigma, vh, nnz)) <= projection_error(x, *baseline) + 1e-4
