@@ -103,9 +103,9 @@ def test_salr_linear_paths_agree(salr_lib, monkeypatch, kernels, m):
 
 
 @pytest.mark.parametrize("kernels", ["best", "scalar"])
-@pytest.mark.parametrize("density", [0.2, 0.38, 0.42, 0.9])
+@pytest.mark.parametrize("density", [0.2, 0.58, 0.62, 0.9])
 def test_salr_linear_prefill_on_both_sides_of_the_dense_tile_density(salr_lib, monkeypatch, kernels, density):
-    """The prefill runs kept-entry lists below 40% density and decoded dense tiles from it on: both agree with
+    """The prefill runs kept-entry lists below 60% density and decoded dense tiles from it on: both agree with
     the reference, with a partial last row group (77 rows) and a partial last block of activation rows (m = 70)."""
     rng = np.random.default_rng(int(density * 100))
     use_kernel_set(monkeypatch, kernels)

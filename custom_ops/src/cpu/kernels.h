@@ -122,15 +122,16 @@ struct KernelSet {
   // Expands bitmap bytes [g0, g1) of row n, whose first value is values[pos], into 8 * (g1 - g0)
   // dense floats. Returns the value position after the last byte.
   int64_t (*decode_row_f32)(const SparseWeight& w, int64_t n, int64_t g0, int64_t g1, int64_t pos, float* out);
-  // Column indices and fp32 values of the kept entries of row n in bytes [g0, g1). Returns the count.
-  int64_t (*extract_row)(const SparseWeight& w, int64_t n, int64_t g0, int64_t g1, int64_t pos, int32_t* idx,
-                         float* val);
+  // Column indices shifted left by `shift` (offsets of rows of X^T at a stride of 2^shift floats) and fp32
+  // values of the kept entries of row n in bytes [g0, g1); idx has room for 8 * (g1 - g0). Returns the count.
+  int64_t (*extract_row)(const SparseWeight& w, int64_t n, int64_t g0, int64_t g1, int64_t pos, int shift,
+                         int32_t* idx, float* val);
   // y[i * ldy + j] (+)= x[i, :len] . w[j, :len] for i < m, j < n.
   void (*dot_nt)(int64_t m, int64_t n, int64_t len, const float* x, int64_t ldx, const float* w, int64_t ldw,
                  float* y, int64_t ldy, bool accumulate);
-  // acc[0 : 8 * nvec] += sum_i val[i] * xt[idx[i] * stride : ... + 8 * nvec].
-  void (*axpy_block)(const int32_t* idx, const float* val, int64_t cnt, const float* xt, int64_t stride,
-                     float* acc, int nvec);
+  // acc[0 : 8 * nvec] += sum_i val[i] * xt[off[i] : off[i] + 8 * nvec]. Offsets, not indices times a
+  // stride: the multiply would cost an integer op per kept entry in the prefill's inner loop.
+  void (*axpy_block)(const int32_t* off, const float* val, int64_t cnt, const float* xt, float* acc, int nvec);
   // acc[r * ldacc + j] += sum_{k < len} w[r * ldw + k] * xt[k * stride + j] for r < rows <= 6, j < 8 * nvec,
   // nvec 1 or 2: the dense prefill microkernel (decoded rows of W against a block of X^T).
   void (*dense_block)(const float* w, int64_t ldw, int rows, int64_t len, const float* xt, int64_t stride,

@@ -195,28 +195,27 @@ void dot_nt(int64_t m, int64_t n, int64_t len, const float* x, int64_t ldx, cons
 }
 
 template <int NV>
-inline void axpy_nv(const int32_t* idx, const float* val, int64_t cnt, const float* xt, int64_t stride, float* acc) {
+inline void axpy_nv(const int32_t* off, const float* val, int64_t cnt, const float* xt, float* acc) {
   float32x4_t a[2 * NV];
   for (int q = 0; q < 2 * NV; ++q) a[q] = vld1q_f32(acc + 4 * q);
   for (int64_t i = 0; i < cnt; ++i) {
     const float v = val[i];
-    const float* xp = xt + static_cast<int64_t>(idx[i]) * stride;
+    const float* xp = xt + off[i];
     for (int q = 0; q < 2 * NV; ++q) a[q] = vfmaq_n_f32(a[q], vld1q_f32(xp + 4 * q), v);
   }
   for (int q = 0; q < 2 * NV; ++q) vst1q_f32(acc + 4 * q, a[q]);
 }
 
-void axpy_block(const int32_t* idx, const float* val, int64_t cnt, const float* xt, int64_t stride, float* acc,
-                int nvec) {
+void axpy_block(const int32_t* off, const float* val, int64_t cnt, const float* xt, float* acc, int nvec) {
   switch (nvec) {
-    case 1: axpy_nv<1>(idx, val, cnt, xt, stride, acc); break;
-    case 2: axpy_nv<2>(idx, val, cnt, xt, stride, acc); break;
-    case 3: axpy_nv<3>(idx, val, cnt, xt, stride, acc); break;
-    case 4: axpy_nv<4>(idx, val, cnt, xt, stride, acc); break;
-    case 5: axpy_nv<5>(idx, val, cnt, xt, stride, acc); break;
-    case 6: axpy_nv<6>(idx, val, cnt, xt, stride, acc); break;
-    case 7: axpy_nv<7>(idx, val, cnt, xt, stride, acc); break;
-    default: axpy_nv<8>(idx, val, cnt, xt, stride, acc); break;
+    case 1: axpy_nv<1>(off, val, cnt, xt, acc); break;
+    case 2: axpy_nv<2>(off, val, cnt, xt, acc); break;
+    case 3: axpy_nv<3>(off, val, cnt, xt, acc); break;
+    case 4: axpy_nv<4>(off, val, cnt, xt, acc); break;
+    case 5: axpy_nv<5>(off, val, cnt, xt, acc); break;
+    case 6: axpy_nv<6>(off, val, cnt, xt, acc); break;
+    case 7: axpy_nv<7>(off, val, cnt, xt, acc); break;
+    default: axpy_nv<8>(off, val, cnt, xt, acc); break;
   }
 }
 

@@ -111,14 +111,14 @@ int64_t decode_row_f32(const SparseWeight& w, int64_t n, int64_t g0, int64_t g1,
 }
 
 template <ValueType V>
-int64_t extract_row_t(const SparseWeight& w, int64_t n, int64_t g0, int64_t g1, int64_t pos, int32_t* idx,
-                      float* val) {
+int64_t extract_row_t(const SparseWeight& w, int64_t n, int64_t g0, int64_t g1, int64_t pos, int shift,
+                      int32_t* idx, float* val) {
   const uint8_t* row = w.bitmap + n * w.width;
   int64_t cnt = 0;
   for (int64_t g = g0; g < g1; ++g) {
     unsigned b = row[g];
     while (b) {
-      idx[cnt] = static_cast<int32_t>(8 * g + __builtin_ctz(b));
+      idx[cnt] = static_cast<int32_t>((8 * g + __builtin_ctz(b)) << shift);
       val[cnt] = value_at<V>(w.values, pos + cnt);
       ++cnt;
       b &= b - 1;
@@ -127,10 +127,10 @@ int64_t extract_row_t(const SparseWeight& w, int64_t n, int64_t g0, int64_t g1, 
   return cnt;
 }
 
-int64_t extract_row(const SparseWeight& w, int64_t n, int64_t g0, int64_t g1, int64_t pos, int32_t* idx,
+int64_t extract_row(const SparseWeight& w, int64_t n, int64_t g0, int64_t g1, int64_t pos, int shift, int32_t* idx,
                     float* val) {
-  return w.vtype == ValueType::kFloat16 ? extract_row_t<ValueType::kFloat16>(w, n, g0, g1, pos, idx, val)
-                                        : extract_row_t<ValueType::kFloat32>(w, n, g0, g1, pos, idx, val);
+  return w.vtype == ValueType::kFloat16 ? extract_row_t<ValueType::kFloat16>(w, n, g0, g1, pos, shift, idx, val)
+                                        : extract_row_t<ValueType::kFloat32>(w, n, g0, g1, pos, shift, idx, val);
 }
 
 void dot_nt(int64_t m, int64_t n, int64_t len, const float* x, int64_t ldx, const float* w, int64_t ldw, float* y,
@@ -146,12 +146,11 @@ void dot_nt(int64_t m, int64_t n, int64_t len, const float* x, int64_t ldx, cons
   }
 }
 
-void axpy_block(const int32_t* idx, const float* val, int64_t cnt, const float* xt, int64_t stride, float* acc,
-                int nvec) {
+void axpy_block(const int32_t* off, const float* val, int64_t cnt, const float* xt, float* acc, int nvec) {
   const int len = 8 * nvec;
   for (int64_t i = 0; i < cnt; ++i) {
     const float v = val[i];
-    const float* xp = xt + static_cast<int64_t>(idx[i]) * stride;
+    const float* xp = xt + off[i];
     for (int j = 0; j < len; ++j) acc[j] += v * xp[j];
   }
 }

@@ -7,14 +7,19 @@
 //   activation rows reuse, so the decode cost is paid once per weight, not once per activation row.
 // - m >= kLargeM (prefill): compute-bound; X is read transposed, in blocks of activation rows. Below
 //   kDenseTileDensity work follows the kept entries: a row segment of W is turned into (column, value)
-//   pairs once, and each pair adds value * X[:, column] to a register block of 64 outputs. From that density
-//   on, a segment of 36 rows is decoded into a dense buffer and a 6 x 16 register-blocked microkernel runs it
-//   against X^T: twice the FMAs of the pairs at 50%, but each pair costs a broadcast and its X^T loads, so
-//   one thread at m = 128 ran 1536x576 50% in 3.70 ms against the pairs' 4.33, 2:4 4096x4096 in 62.9 against
-//   68.6, and 4096x4096 50% in 57.9 against 59.3 (kernel_selftest --bench, min of 3, AVX2 Zen 3).
+//   pairs once (the column already scaled to its X^T offset), and each pair adds value * X[:, column] to a
+//   register block of 64 outputs. From that density on, a segment of 36 rows is decoded into a dense buffer
+//   and a 6 x 16 register-blocked microkernel runs it against X^T. A pair costs a broadcast and 8 loads per
+//   8 FMAs where the microkernel needs 8 loads per 12, so the pairs run ~80% of its FMA rate (4.75 against
+//   5.9 G FMA/s, L1-resident loops on Zen 3) and win while they do at most ~60% of its FMAs: one thread at
+//   m = 128 ran 4096x4096 2:4 in 43.9 ms against the tiles' 60.9, 50% in 47.8 against 53.7, and 60% kept
+//   in 55.0 against 53.8 (kernel_selftest --bench, min of 3). The pairs' values stream from 32 rows at once,
+//   more streams than the hardware prefetcher follows, so extract_row prefetches each row's next block.
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <limits>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -29,17 +34,18 @@ constexpr int64_t kSmallChunkRows = 32;
 constexpr int64_t kSmallSpanBytes = 64;  // 512 columns per expanded row buffer: 2 rows x 2 KiB stay in L1
 // Prefill blocking: a chunk of 32 rows of W streams against one K block of X^T (128 columns x 64 outputs
 // = 32 KiB, L1/L2-resident), so each X^T row loaded serves ~16 kept entries of the chunk. On the 2-core AVX2
-// machine 64/128/256-column blocks and 16/32/64-row chunks measured within noise of each other; very small
-// blocks lose to the per-call overhead.
+// machine 32- and 64-row chunks measured within noise of each other; 64-column blocks lost ~10% to the
+// per-call overhead and 256-column ones more to L1 misses.
 constexpr int64_t kLargeChunkRows = 32;
 constexpr int64_t kLargeSpanBytes = 16;
 constexpr int64_t kLargeMBlock = 64;  // outputs per register block (8 AVX2 / 16 NEON vectors)
 // The dense microkernel: 6 W rows x 16 outputs; 36 rows x 128 columns decoded (18 KiB) beside the 8 KiB of
 // X^T the 16 outputs read, both L1-resident while every row group passes over them.
-constexpr double kDenseTileDensity = 0.4;
+constexpr double kDenseTileDensity = 0.6;
 constexpr int64_t kDenseChunkRows = 36;
 constexpr int kDenseRows = 6;
-constexpr int64_t kDenseCols = 16;
+constexpr int kDenseShift = 4;
+constexpr int64_t kDenseCols = int64_t{1} << kDenseShift;
 // X A^T up to this many multiply-adds runs on the calling thread: a pool dispatch costs more than the work
 // (SmolLM2 decode: 210 layers per token, rank ~11 x 576 columns each).
 constexpr int64_t kSerialAdapterMacs = 1 << 16;
@@ -115,11 +121,9 @@ class RowRanges {
 // y[n0:n1] += B[n0:n1, :] t for one activation row, from B^T (AdapterTerms::b_t): 64 outputs a call.
 void adapter_epilogue_transposed(const KernelSet& ks, const AdapterTerms& ad, const float* t, float* y, int64_t n0,
                                  int64_t n1) {
-  thread_local std::vector<int32_t> rows;
-  if (static_cast<int64_t>(rows.size()) < ad.rank) {
-    rows.resize(static_cast<size_t>(ad.rank));
-    for (size_t r = 0; r < rows.size(); ++r) rows[r] = static_cast<int32_t>(r);
-  }
+  thread_local std::vector<int32_t> rows;  // offsets of the rows of B^T
+  if (static_cast<int64_t>(rows.size()) < ad.rank) rows.resize(static_cast<size_t>(ad.rank));
+  for (int64_t r = 0; r < ad.rank; ++r) rows[r] = static_cast<int32_t>(r * ad.b_t_stride);
   int64_t n = n0;
   while (n + 8 <= n1) {
     const int nvec = static_cast<int>(std::min<int64_t>(8, (n1 - n) / 8));
@@ -132,7 +136,7 @@ void adapter_epilogue_transposed(const KernelSet& ks, const AdapterTerms& ad, co
         r1 = std::max<int64_t>(r1, ad.b_t_spans[2 * g + 1]);
       }
     }
-    if (r1 > r0) ks.axpy_block(rows.data() + r0, t + r0, r1 - r0, ad.b_t + n, ad.b_t_stride, y + n, nvec);
+    if (r1 > r0) ks.axpy_block(rows.data() + r0, t + r0, r1 - r0, ad.b_t + n, y + n, nvec);
     n += 8 * nvec;
   }
   for (; n < n1; ++n) {
@@ -202,9 +206,10 @@ struct Job {
   RowRanges* rows;  // m == 1
   int64_t chunk_rows;
   // large-m path
-  const float* xt;       // per m-block: [width * 8 + rank][mbw] (X^T then T^T)
+  const float* xt;       // per m-block: [width * 8 + rank][mblock] (X^T then T^T), mbw of each row used
   int64_t mblocks;
   int64_t mblock;        // activation rows per X^T block: kLargeMBlock, or kDenseCols for the dense tiles
+  int shift;             // log2(mblock): X^T row k of a block starts at k << shift
   int64_t k_span_bytes;  // bitmap bytes per K block
   int64_t mpad;
 };
@@ -275,7 +280,7 @@ void large_m_task(void* arg, int64_t c) {
   for (int64_t g0 = 0; g0 < w.width; g0 += j.k_span_bytes) {
     const int64_t g1 = std::min(g0 + j.k_span_bytes, w.width);
     for (int64_t r = 0; r < rows; ++r) {
-      cnt[r] = j.ks->extract_row(w, n0 + r, g0, g1, pos[r], idx.data() + r * seg_stride,
+      cnt[r] = j.ks->extract_row(w, n0 + r, g0, g1, pos[r], j.shift, idx.data() + r * seg_stride,
                                  val.data() + r * seg_stride);
       pos[r] += cnt[r];
     }
@@ -283,10 +288,10 @@ void large_m_task(void* arg, int64_t c) {
     for (int64_t b = 0; b < j.mblocks; ++b) {
       const int64_t mbw = mblock_width(j, b);
       for (int64_t r = 0; r < rows; ++r) {
-        j.ks->axpy_block(idx.data() + r * seg_stride, val.data() + r * seg_stride, cnt[r], xt, mbw,
+        j.ks->axpy_block(idx.data() + r * seg_stride, val.data() + r * seg_stride, cnt[r], xt,
                          yt.data() + r * j.mpad + b * j.mblock, static_cast<int>(mbw / 8));
       }
-      xt += (kx + ad.rank) * mbw;
+      xt += (kx + ad.rank) * j.mblock;
     }
   }
   large_m_finish(j, n0, rows, yt, idx);
@@ -299,14 +304,14 @@ void large_m_finish(const Job& j, int64_t n0, int64_t rows, std::vector<float>& 
   const int64_t kx = w.width * 8;
   if (ad.rank > 0) {
     if (static_cast<int64_t>(idx.size()) < ad.rank) idx.resize(static_cast<size_t>(ad.rank));
-    for (int64_t q = 0; q < ad.rank; ++q) idx[q] = static_cast<int32_t>(kx + q);  // rows of T^T follow X^T
+    for (int64_t q = 0; q < ad.rank; ++q) idx[q] = static_cast<int32_t>((kx + q) << j.shift);  // T^T follows X^T
     for (int64_t r = 0; r < rows; ++r) {
       const float* xt = j.xt;
       for (int64_t b = 0; b < j.mblocks; ++b) {
         const int64_t mbw = mblock_width(j, b);
-        j.ks->axpy_block(idx.data(), ad.b + (n0 + r) * ad.rank, ad.rank, xt, mbw,
+        j.ks->axpy_block(idx.data(), ad.b + (n0 + r) * ad.rank, ad.rank, xt,
                          yt.data() + r * j.mpad + b * j.mblock, static_cast<int>(mbw / 8));
-        xt += (kx + ad.rank) * mbw;
+        xt += (kx + ad.rank) * j.mblock;
       }
     }
   }
@@ -337,10 +342,10 @@ void dense_tile_task(void* arg, int64_t c) {
     }
     for (int64_t b = 0; b < j.mblocks; ++b) {  // the block's K slice of X^T (8 KiB) stays in L1 for every group
       const int64_t mbw = mblock_width(j, b);  // 16, or 8 for the last block
-      const float* xt = j.xt + b * kDenseCols * tile_rows + 8 * g0 * mbw;  // row 8 g0 of block b
+      const float* xt = j.xt + (b * tile_rows + 8 * g0) * j.mblock;  // row 8 g0 of block b
       for (int64_t r = 0; r < rows; r += kDenseRows) {
         const int group = static_cast<int>(std::min<int64_t>(kDenseRows, rows - r));
-        j.ks->dense_block(buf.data() + r * span, span, group, len, xt, mbw,
+        j.ks->dense_block(buf.data() + r * span, span, group, len, xt, j.mblock,
                           yt.data() + r * j.mpad + b * kDenseCols, j.mpad, static_cast<int>(mbw / 8));
       }
     }
@@ -365,16 +370,17 @@ void transpose_task(void* arg, int64_t b) {
   const TransposeJob& t = *static_cast<const TransposeJob*>(arg);
   const int64_t m0 = b * t.mblock;
   const int64_t mbw = std::min(t.mblock, t.mpad - m0);
-  float* tile = t.dst + b * t.mblock * t.tile_rows;  // every block before the last is full
-  tile += t.col_offset * mbw;
+  float* tile = t.dst + (b * t.tile_rows + t.col_offset) * t.mblock;
   const int64_t rows = std::min(mbw, t.m - m0);
-  for (int64_t k0 = 0; k0 < t.cols; k0 += 64) {  // 64x64 blocks keep both sides in L1
+  // 64x64 blocks keep both sides in L1. Each source row is read along its length: walking down a column
+  // touched a new page per element (rows of a 1536-column X are 6 KiB apart) and missed the TLB on each.
+  for (int64_t k0 = 0; k0 < t.cols; k0 += 64) {
     const int64_t k1 = std::min(k0 + 64, t.cols);
-    for (int64_t k = k0; k < k1; ++k) {
-      float* d = tile + k * mbw;
-      for (int64_t i = 0; i < rows; ++i) d[i] = t.src[(m0 + i) * t.ld + k];
-      for (int64_t i = rows; i < mbw; ++i) d[i] = 0.f;
+    for (int64_t i = 0; i < rows; ++i) {
+      const float* s = t.src + (m0 + i) * t.ld;
+      for (int64_t k = k0; k < k1; ++k) tile[k * t.mblock + i] = s[k];
     }
+    for (int64_t k = k0; k < k1; ++k) std::fill(tile + k * t.mblock + rows, tile + k * t.mblock + mbw, 0.f);
   }
 }
 
@@ -637,22 +643,29 @@ void sparse_linear(const KernelSet& ks, const SparseWeight& w, const AdapterTerm
     runner(ceil_div(n, job.chunk_rows), small_m_task, &job);
     return;
   }
-  // Prefill: X^T (and T^T below it) per block of 64 activation rows (16 for the dense tiles: their rows are
-  // then 64 contiguous bytes, where 256-byte strides used a quarter of L1's sets), zero-padded to a multiple
-  // of 8.
+  // Prefill: X^T (and T^T below it) per block of up to 64 activation rows (16 for the dense tiles: their
+  // rows are then 64 contiguous bytes, where 256-byte strides used a quarter of L1's sets), zero-padded to a
+  // multiple of 8. Every block has the same power-of-two row stride, so a kept entry's column is turned into
+  // its X^T offset once, when extracted, and serves every block.
   const double entries = static_cast<double>(n) * static_cast<double>(w.cols);
-  const bool dense_tiles = static_cast<double>(w.row_offsets[n]) >= kDenseTileDensity * entries;
   const int64_t kx = w.width * 8;
   const int64_t mpad = ceil_div(m, 8) * 8;
   const int64_t tile_rows = kx + ad.rank;
-  // 64-byte aligned: every 32-byte load of an X^T row then stays within one cache line (malloc's 16-byte
-  // alignment split half of them across two lines).
-  std::vector<float> xt_store(static_cast<size_t>(tile_rows * mpad + 16));
-  float* xt = xt_store.data() + (16 - (reinterpret_cast<uintptr_t>(xt_store.data()) / sizeof(float)) % 16) % 16;
-  job.xt = xt;
+  int shift = 3;
+  while ((int64_t{1} << shift) < std::min(mpad, kLargeMBlock)) ++shift;
+  const bool dense_tiles = static_cast<double>(w.row_offsets[n]) >= kDenseTileDensity * entries ||
+                           (tile_rows << shift) > std::numeric_limits<int32_t>::max();  // offsets are int32
+  if (dense_tiles) shift = kDenseShift;
   job.mpad = mpad;
-  job.mblock = dense_tiles ? kDenseCols : kLargeMBlock;
+  job.mblock = int64_t{1} << shift;
+  job.shift = shift;
   job.mblocks = ceil_div(mpad, job.mblock);
+  // 64-byte aligned: every 32-byte load of an X^T row then stays within one cache line (malloc's 16-byte
+  // alignment split half of them across two lines). Not zero-filled: the transposes write every float that
+  // is read, and a memset of the whole block cost as much as the transpose itself.
+  const std::unique_ptr<float[]> xt_store(new float[static_cast<size_t>(tile_rows * job.mblocks * job.mblock + 16)]);
+  float* xt = xt_store.get() + (16 - (reinterpret_cast<uintptr_t>(xt_store.get()) / sizeof(float)) % 16) % 16;
+  job.xt = xt;
   job.k_span_bytes = kLargeSpanBytes;
   job.chunk_rows = std::min(dense_tiles ? kDenseChunkRows : kLargeChunkRows, std::max<int64_t>(8, ceil_div(n, 8)));
   TransposeJob tx{x, ldx, m, kx, 0, tile_rows, mpad, job.mblock, xt};
