@@ -13,6 +13,9 @@ For each configuration (out x in features, activation rows M, sparsity, threads,
   stream from DRAM as in a real decoder instead of sitting in the 32 MiB L3;
 - variants alternate run by run (dense, SALR, int4, dense, ...) so drifting machine load hits all alike;
   the medians (and p20/p80) of --repeats runs per variant are reported;
+- with adapters (rank > 0), the same SALR weight without adapters runs as a fourth variant in the same
+  rotation, and the adapters' cost is the ratio of the two medians: run-to-run drift on a shared machine is
+  larger than that cost, so separate runs of rank 0 and rank R cannot measure it;
 - every session disables intra-op spinning: an idle pool that spins after its run steals a core from the
   next session's run (DESIGN.md section 5's benchmark pitfall).
 
@@ -32,6 +35,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from salr_edge.io_utils import atomic_write_text
 
 SALR_DOMAIN = "com.salr"
 
@@ -193,15 +198,22 @@ def bench_config(ort, lib, n, k, m, sparsity, threads, values_kind, rank, repeat
         _Variant(ort, "salr", salr_model.SerializeToString(), salr_bytes, threads, lib, x, rotate, spin, max_copies),
         _Variant(ort, "int4", int4_model.SerializeToString(), int4_bytes, threads, None, x, rotate, spin, max_copies),
     ]
+    functions = {v.name: w_eff for v in variants}
+    if rank:  # the same weight (drawn before the adapters from the same seed) without them
+        _, base_model, base_bytes, w_base = _models(n, k, m, sparsity, values_kind, 0, seed, group_size)
+        variants.append(_Variant(ort, "salr_no_adapter", base_model.SerializeToString(), base_bytes, threads, lib,
+                                 x, rotate, spin, max_copies))
+        functions["salr_no_adapter"] = w_base
     # Correctness gate before timing: SALRLinear computes the same function as the dense baseline.
-    ref = x.astype(np.float64) @ w_eff.T.astype(np.float64)
-    scale = np.abs(x.astype(np.float64)) @ np.abs(w_eff.T.astype(np.float64))
     errs = {}
     for v in variants:
+        w = functions[v.name].T.astype(np.float64)
+        ref = x.astype(np.float64) @ w
+        scale = np.abs(x.astype(np.float64)) @ np.abs(w)
         errs[v.name] = float(np.max(np.abs(v.output() - ref) / (scale + 1e-12)))
     # the integer path (quantized values, 2:4, batch 1) also rounds the activations to int8 per 32 columns
     salr_tolerance = 2e-2 if values_kind in QUANTIZED_BITS else 1e-5
-    if errs["salr"] > salr_tolerance or errs["dense_fp32"] > 1e-5:
+    if (max(errs.get("salr_no_adapter", 0.0), errs["salr"]) > salr_tolerance) or errs["dense_fp32"] > 1e-5:
         raise RuntimeError(f"output check failed before timing: relative errors {errs}")
     for _ in range(max(3, repeats // 10)):  # warm-up: page in every copy, settle the pools
         for v in variants:
@@ -213,6 +225,10 @@ def bench_config(ort, lib, n, k, m, sparsity, threads, values_kind, rank, repeat
         for v in variants:
             v.run()
     st = {v.name: v.stats() for v in variants}
+    adapters = {}
+    if rank:
+        adapters = {"salr_no_adapter": st["salr_no_adapter"], "weight_bytes_no_adapter": base_bytes,
+                    "adapter_cost": st["salr"]["p50_ms"] / st["salr_no_adapter"]["p50_ms"] - 1.0}
     return {
         "out_features": n, "in_features": k, "m": m, "sparsity": sparsity, "threads": threads,
         "values_dtype": values_kind, "group_size": group_size if values_kind in QUANTIZED_BITS else None,
@@ -224,19 +240,21 @@ def bench_config(ort, lib, n, k, m, sparsity, threads, values_kind, rank, repeat
         "dense_fp32": st["dense_fp32"], "salr": st["salr"], "int4": st["int4"],
         "speedup_vs_dense": st["dense_fp32"]["p50_ms"] / st["salr"]["p50_ms"],
         "speedup_vs_int4": st["int4"]["p50_ms"] / st["salr"]["p50_ms"],
+        **adapters,
     }
 
 
 def _markdown(records) -> str:
     lines = ["| shape (N x K) | M | sparsity | values | rank | threads | dense fp32 ms | SALR ms | int4 ms "
-             "| SALR vs dense | SALR vs int4 | SALR MB | int4 MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| SALR vs dense | SALR vs int4 | SALR MB | int4 MB | adapter cost |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
+        cost = f"{100 * r['adapter_cost']:+.1f}%" if "adapter_cost" in r else "-"
         lines.append(
             f"| {r['out_features']}x{r['in_features']} | {r['m']} | {r['sparsity']} | {r['values_dtype']} | "
             f"{r['rank']} | {r['threads']} | {r['dense_fp32']['p50_ms']:.3f} | {r['salr']['p50_ms']:.3f} | "
             f"{r['int4']['p50_ms']:.3f} | {r['speedup_vs_dense']:.2f}x | {r['speedup_vs_int4']:.2f}x | "
-            f"{r['weight_bytes']['salr'] / 1e6:.1f} | {r['weight_bytes']['int4'] / 1e6:.1f} |")
+            f"{r['weight_bytes']['salr'] / 1e6:.1f} | {r['weight_bytes']['int4'] / 1e6:.1f} | {cost} |")
     return "\n".join(lines)
 
 
@@ -284,11 +302,11 @@ def main(argv=None) -> int:
             "library": lib, "kernels": os.environ.get("SALR_KERNELS", "best"), "argv": sys.argv if argv is None else argv}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+    atomic_write_text(out.with_suffix(".json"), json.dumps({"meta": meta, "records": records}, indent=1))
     table = _markdown(records)
-    out.with_suffix(".md").write_text(f"# SALRLinear vs dense fp32 MatMul vs int4 MatMulNBits\n\n"
-                                      f"ORT {ort.__version__}, {meta['cpus']} CPUs, medians of {args.repeats} "
-                                      f"runs, weights rotated through >= {args.rotate_mib} MiB.\n\n{table}\n")
+    atomic_write_text(out.with_suffix(".md"), f"# SALRLinear vs dense fp32 MatMul vs int4 MatMulNBits\n\n"
+                      f"ORT {ort.__version__}, {meta['cpus']} CPUs, medians of {args.repeats} runs, weights "
+                      f"rotated through >= {args.rotate_mib} MiB.\n\n{table}\n")
     print()
     print(table)
     return 0
