@@ -121,11 +121,15 @@ class RowRanges {
 // y[n0:n1] += B[n0:n1, :] t for one activation row, from B^T (AdapterTerms::b_t): 64 outputs a call.
 void adapter_epilogue_transposed(const KernelSet& ks, const AdapterTerms& ad, const float* t, float* y, int64_t n0,
                                  int64_t n1) {
-  thread_local std::vector<int32_t> rows;  // offsets of the rows of B^T
-  if (static_cast<int64_t>(rows.size()) < ad.rank) rows.resize(static_cast<size_t>(ad.rank));
-  for (int64_t r = 0; r < ad.rank; ++r) rows[r] = static_cast<int32_t>(r * ad.b_t_stride);
+  // The offsets of the rows of B^T are int32: a B^T beyond 2^31 floats takes the scalar loop below.
+  const bool offsets_fit = ad.rank * ad.b_t_stride <= std::numeric_limits<int32_t>::max();
+  thread_local std::vector<int32_t> rows;
+  if (offsets_fit) {
+    if (static_cast<int64_t>(rows.size()) < ad.rank) rows.resize(static_cast<size_t>(ad.rank));
+    for (int64_t r = 0; r < ad.rank; ++r) rows[r] = static_cast<int32_t>(r * ad.b_t_stride);
+  }
   int64_t n = n0;
-  while (n + 8 <= n1) {
+  while (offsets_fit && n + 8 <= n1) {
     const int nvec = static_cast<int>(std::min<int64_t>(8, (n1 - n) / 8));
     int64_t r0 = 0, r1 = ad.rank;
     if (ad.b_t_spans != nullptr && n % 8 == 0) {
@@ -304,9 +308,9 @@ void large_m_finish(const Job& j, int64_t n0, int64_t rows, std::vector<float>& 
   const int64_t kx = w.width * 8;
   if (ad.rank > 0) {
     if (static_cast<int64_t>(idx.size()) < ad.rank) idx.resize(static_cast<size_t>(ad.rank));
-    for (int64_t q = 0; q < ad.rank; ++q) idx[q] = static_cast<int32_t>((kx + q) << j.shift);  // T^T follows X^T
+    for (int64_t q = 0; q < ad.rank; ++q) idx[q] = static_cast<int32_t>(q << j.shift);
     for (int64_t r = 0; r < rows; ++r) {
-      const float* xt = j.xt;
+      const float* xt = j.xt + (kx << j.shift);  // T^T follows X^T in each block
       for (int64_t b = 0; b < j.mblocks; ++b) {
         const int64_t mbw = mblock_width(j, b);
         j.ks->axpy_block(idx.data(), ad.b + (n0 + r) * ad.rank, ad.rank, xt,
