@@ -444,6 +444,10 @@ int main(int argc, char** argv) {
     // (a 64-row block and an 8-row one)
     check_linear(rng, 50, 300, 70, 5, 0.3, false, vt);
     check_linear(rng, 50, 300, 70, 0, 0.95, false, vt);
+    // small batches in blocks of 8 activation rows (8 + 4), K in three 512-column blocks, 32-row chunks and
+    // a partial one, the last rows past the vector loads' reach
+    check_linear(rng, 83, 1100, 12, 5, 0.5, false, vt);
+    check_linear(rng, 45, 104, 9, 0, 0.5, true, vt);
   }
   for (int bits : {4, 8}) {
     check_quantized(rng, 40, 128, 1, bits, 32, 0.5, true);   // integer path

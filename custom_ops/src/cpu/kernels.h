@@ -150,7 +150,15 @@ struct KernelSet {
   void (*dot_rows_f16)(const uint16_t* a, int64_t rows, int64_t lda, int64_t len, const float* x, float* out);
   // y[8 (g - g0) + j] += sum_r t[first[g] + r] * panel_g[r][j] for the whole groups g in [g0, g1), j < 8.
   void (*panels_f16)(const AdapterPanels& p, const float* t, float* y, int64_t g0, int64_t g1);
+  // y[i * ldy + n - n0] = W[n, :] . x[i, :] for n in [n0, n1) and i < m <= kSmallRowsM (x rows at stride ldx):
+  // each row of W is decoded once, in registers, for all m activation rows. Null: the set has none (the
+  // small-batch driver then expands rows of W into a buffer instead).
+  void (*gemm_rows_small)(const SparseWeight& w, const float* x, int64_t ldx, int m, float* y, int64_t ldy,
+                          int64_t n0, int64_t n1);
 };
+
+// The most activation rows one gemm_rows_small call takes (one accumulator register per row).
+constexpr int kSmallRowsM = 8;
 
 const KernelSet& scalar_kernels();
 const KernelSet* avx2_kernels();  // null unless built for x86-64

@@ -337,6 +337,90 @@ void gemv_rows_t(const SparseWeight& w, const float* x, float* y, int64_t n0, in
   }
 }
 
+// Rows of W against M activation rows: each bitmap byte is expanded once and multiplied into M accumulators,
+// so for M = 8 the FMAs, not the decode, set the pace. K is walked in blocks of kSmallSpan bytes (512
+// columns: 8 rows of x in 16 KiB stay in L1, where whole rows, 128 KiB at K = 4096, do not), with each
+// row's accumulators parked in `park` between blocks. One row at a time: two rows would need 2 M
+// accumulators, more than the 16 registers hold for M = 8.
+constexpr int64_t kSmallSpan = 64;
+constexpr int64_t kSmallRows = 32;
+
+template <ValueType V, int M>
+void rows_small_m(const SparseWeight& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  const uint8_t* values = static_cast<const uint8_t*>(w.values);
+  // expand reads up to 8 values from a row's current position: rows ending closer than that to the end of
+  // `values` (a suffix, the offsets never decrease) are done by row_tail
+  int64_t safe = n1;
+  while (safe > n0 && w.row_offsets[safe] > w.nnz - 8) --safe;
+  alignas(32) float park[kSmallRows][M][8];
+  alignas(32) float xs[kSmallSpan][M][8];
+  const uint8_t* vp[kSmallRows];
+  for (int64_t r0 = n0; r0 < safe; r0 += kSmallRows) {
+    const int64_t rows = std::min(kSmallRows, safe - r0);
+    for (int64_t r = 0; r < rows; ++r) vp[r] = values + w.row_offsets[r0 + r] * kValueSize<V>;
+    std::memset(park, 0, sizeof(park));
+    for (int64_t g0 = 0; g0 < w.width; g0 += kSmallSpan) {
+      const int64_t g1 = std::min(g0 + kSmallSpan, w.width);
+      // The block of x, interleaved so that one byte's M vectors are 256 contiguous bytes: rows of x a power
+      // of two apart (16 KiB at K = 4096) all map to the same L1 sets and evicted each other.
+      for (int64_t g = g0; g < g1; ++g) {
+        for (int i = 0; i < M; ++i) _mm256_store_ps(xs[g - g0][i], _mm256_loadu_ps(x + i * ldx + 8 * g));
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const uint8_t* bm = w.bitmap + (r0 + r) * w.width;
+        const uint8_t* v = vp[r];
+        __m256 acc[M];
+        for (int i = 0; i < M; ++i) acc[i] = _mm256_load_ps(park[r][i]);
+        // This row's next block (its values as if half full), read after every row's current one: the rows
+        // interleave, more streams than the hardware prefetcher follows. Prefetches never fault.
+        constexpr int64_t kBlockValueBytes = kSmallSpan * 4 * kValueSize<V>;
+        for (int64_t q = 0; q < kBlockValueBytes; q += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(v + kBlockValueBytes + q), _MM_HINT_T0);
+        }
+        _mm_prefetch(reinterpret_cast<const char*>(bm + g1), _MM_HINT_T0);
+        for (int64_t g = g0; g < g1; ++g) {
+          const unsigned b = bm[g];
+          const __m256 wv = expand<V>(v, b);
+          v += value_bytes<V>(b);
+          for (int i = 0; i < M; ++i) acc[i] = _mm256_fmadd_ps(wv, _mm256_load_ps(xs[g - g0][i]), acc[i]);
+        }
+        vp[r] = v;
+        for (int i = 0; i < M; ++i) _mm256_store_ps(park[r][i], acc[i]);
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int i = 0; i < M; ++i) y[i * ldy + (r0 + r - n0)] = hsum(_mm256_load_ps(park[r][i]));
+    }
+  }
+  for (int64_t n = safe; n < n1; ++n) {
+    for (int i = 0; i < M; ++i) y[i * ldy + (n - n0)] = row_tail<V>(w, n, x + i * ldx);
+  }
+}
+
+template <ValueType V>
+void gemm_rows_small_t(const SparseWeight& w, const float* x, int64_t ldx, int m, float* y, int64_t ldy, int64_t n0,
+                       int64_t n1) {
+  switch (m) {
+    case 8: rows_small_m<V, 8>(w, x, ldx, y, ldy, n0, n1); break;
+    case 7: rows_small_m<V, 7>(w, x, ldx, y, ldy, n0, n1); break;
+    case 6: rows_small_m<V, 6>(w, x, ldx, y, ldy, n0, n1); break;
+    case 5: rows_small_m<V, 5>(w, x, ldx, y, ldy, n0, n1); break;
+    case 4: rows_small_m<V, 4>(w, x, ldx, y, ldy, n0, n1); break;
+    case 3: rows_small_m<V, 3>(w, x, ldx, y, ldy, n0, n1); break;
+    case 2: rows_small_m<V, 2>(w, x, ldx, y, ldy, n0, n1); break;
+    default: rows_small_m<V, 1>(w, x, ldx, y, ldy, n0, n1); break;
+  }
+}
+
+void gemm_rows_small(const SparseWeight& w, const float* x, int64_t ldx, int m, float* y, int64_t ldy, int64_t n0,
+                     int64_t n1) {
+  if (w.vtype == ValueType::kFloat16) {
+    gemm_rows_small_t<ValueType::kFloat16>(w, x, ldx, m, y, ldy, n0, n1);
+  } else {
+    gemm_rows_small_t<ValueType::kFloat32>(w, x, ldx, m, y, ldy, n0, n1);
+  }
+}
+
 void gemv_rows(const SparseWeight& w, const float* x, float* y, int64_t n0, int64_t n1) {
   if (w.vtype == ValueType::kFloat16) {
     gemv_rows_t<ValueType::kFloat16>(w, x, y, n0, n1);
@@ -832,7 +916,7 @@ void panels_f16(const AdapterPanels& p, const float* t, float* y, int64_t g0, in
 
 const KernelSet kAvx2 = {"avx2",     gemv_rows,   decode_row_f32, extract_row, dot_nt,
                          axpy_block, dense_block, f16_to_f32,     f32_to_f16,  dequant,
-                         gemv_rows_q24, quantize_q24, dot_rows_f16, panels_f16};
+                         gemv_rows_q24, quantize_q24, dot_rows_f16, panels_f16, gemm_rows_small};
 
 }  // namespace
 }  // namespace salr

@@ -315,7 +315,8 @@ const KernelSet* neon_kernels() {
                                dot_nt,     axpy_block, dense_block, f16_to_f32,         f32_to_f16,
                                // quantized weights: portable dequantization, then the NEON float kernels
                                // (no integer path yet: null sends batch 1 through the float path too)
-                               dequantize_values, nullptr, nullptr, dot_rows_f16_neon, panels_f16_neon};
+                               dequantize_values, nullptr, nullptr, dot_rows_f16_neon, panels_f16_neon,
+                               nullptr};  // no gemm_rows_small yet: small batches expand rows into a buffer
   return &ks;
 }
 

@@ -1,4 +1,5 @@
 // Portable kernels: the reference every SIMD set is tested against, and the fallback on CPUs without one.
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -133,6 +134,34 @@ int64_t extract_row(const SparseWeight& w, int64_t n, int64_t g0, int64_t g1, in
                                         : extract_row_t<ValueType::kFloat32>(w, n, g0, g1, pos, shift, idx, val);
 }
 
+template <ValueType V>
+void gemm_rows_small_t(const SparseWeight& w, const float* x, int64_t ldx, int m, float* y, int64_t ldy, int64_t n0,
+                       int64_t n1) {
+  float acc[kSmallRowsM];
+  for (int64_t n = n0; n < n1; ++n) {
+    std::fill(acc, acc + m, 0.f);
+    const uint8_t* row = w.bitmap + n * w.width;
+    int64_t pos = w.row_offsets[n];
+    for (int64_t g = 0; g < w.width; ++g) {
+      for (unsigned b = row[g]; b != 0; b &= b - 1) {
+        const float v = value_at<V>(w.values, pos++);
+        const int64_t col = 8 * g + __builtin_ctz(b);
+        for (int i = 0; i < m; ++i) acc[i] += v * x[i * ldx + col];
+      }
+    }
+    for (int i = 0; i < m; ++i) y[i * ldy + (n - n0)] = acc[i];
+  }
+}
+
+void gemm_rows_small(const SparseWeight& w, const float* x, int64_t ldx, int m, float* y, int64_t ldy, int64_t n0,
+                     int64_t n1) {
+  if (w.vtype == ValueType::kFloat16) {
+    gemm_rows_small_t<ValueType::kFloat16>(w, x, ldx, m, y, ldy, n0, n1);
+  } else {
+    gemm_rows_small_t<ValueType::kFloat32>(w, x, ldx, m, y, ldy, n0, n1);
+  }
+}
+
 void dot_nt(int64_t m, int64_t n, int64_t len, const float* x, int64_t ldx, const float* w, int64_t ldw, float* y,
             int64_t ldy, bool accumulate) {
   for (int64_t i = 0; i < m; ++i) {
@@ -259,7 +288,7 @@ Runner serial_runner() {
 const KernelSet& scalar_kernels() {
   static const KernelSet ks = {"scalar",   gemv_rows,   decode_row_f32, extract_row,       dot_nt,
                                axpy_block, dense_block, f16_to_f32,     f32_to_f16,        dequantize_values,
-                               gemv_rows_q24, quantize_q24, dot_rows_f16, panels_f16};
+                               gemv_rows_q24, quantize_q24, dot_rows_f16, panels_f16, gemm_rows_small};
   return ks;
 }
 

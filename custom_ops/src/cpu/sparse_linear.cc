@@ -247,6 +247,20 @@ void small_m_task(void* arg, int64_t c) {
   adapter_epilogue(*j.ks, *j.ad, j.t, j.m, w.rows, j.y, n0, n1);
 }
 
+// Small batches with the set's gemm_rows_small: each row of W is decoded once per 8 activation rows, in
+// registers, with no buffer between the decode and the FMAs.
+void small_m_rows_task(void* arg, int64_t c) {
+  const Job& j = *static_cast<const Job*>(arg);
+  const SparseWeight& w = *j.w;
+  const int64_t n0 = c * j.chunk_rows;
+  const int64_t n1 = std::min(n0 + j.chunk_rows, w.rows);
+  for (int64_t i = 0; i < j.m; i += kSmallRowsM) {
+    const int rows = static_cast<int>(std::min<int64_t>(kSmallRowsM, j.m - i));
+    j.ks->gemm_rows_small(w, j.x + i * j.ldx, j.ldx, rows, j.y + i * w.rows + n0, w.rows, n0, n1);
+  }
+  adapter_epilogue(*j.ks, *j.ad, j.t, j.m, w.rows, j.y, n0, n1);
+}
+
 int64_t mblock_width(const Job& j, int64_t b) {
   return std::min(j.mblock, j.mpad - b * j.mblock);
 }
@@ -644,7 +658,7 @@ void sparse_linear(const KernelSet& ks, const SparseWeight& w, const AdapterTerm
     const std::vector<float> t = adapter_inputs(ks, w, ad, x, m, ldx, runner);
     job.t = t.data();
     job.chunk_rows = kSmallChunkRows;
-    runner(ceil_div(n, job.chunk_rows), small_m_task, &job);
+    runner(ceil_div(n, job.chunk_rows), ks.gemm_rows_small ? small_m_rows_task : small_m_task, &job);
     return;
   }
   // Prefill: X^T (and T^T below it) per block of up to 64 activation rows (16 for the dense tiles: their
