@@ -42,10 +42,11 @@ SALR_DOMAIN = "com.salr"
 
 
 def _library_path(explicit: str | None) -> str:
+    """--library, else $SALR_OPS_LIBRARY, else the installed copy; FileNotFoundError names what is missing."""
     if explicit:
+        if not Path(explicit).is_file():
+            raise FileNotFoundError(f"--library {explicit} does not exist")
         return explicit
-    if os.environ.get("SALR_OPS_LIBRARY"):
-        return os.environ["SALR_OPS_LIBRARY"]
     from salr_edge.runtime import library_path
 
     return library_path()
@@ -283,7 +284,10 @@ def main(argv=None) -> int:
 
     import onnxruntime as ort
 
-    lib = _library_path(args.library)
+    try:
+        lib = _library_path(args.library)
+    except FileNotFoundError as e:
+        p.error(str(e))
     records = []
     for shape in _csv(args.shapes):
         n, k = (int(v) for v in shape.lower().split("x"))

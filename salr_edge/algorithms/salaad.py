@@ -715,8 +715,8 @@ def extract_(model: nn.Module, states: dict[str, MatrixState], budget: Budget | 
             published): L and S as they are. "refit": the structure ADMM chose (L's top singular directions,
             S's largest entries) with singular values and S's values re-fit by least squares (`refit_to`).
             "project": each matrix's rank and non-zeros as the plan gives them, the directions and entries
-            re-chosen by alternating projections onto X from the cut and from zero (`project_best`). The last two matter where training
-            stopped before X reached L + S.
+            re-chosen by alternating projections onto X from the cut and from zero (`project_best`). The last
+            two matter where training stopped before X reached L + S.
 
     Returns:
         (the model, the extraction plan: factor, per-layer rank/nnz, bytes, parameters).
