@@ -438,6 +438,10 @@ int main(int argc, char** argv) {
     check_linear(rng, 40, 96, 1, 0, 0.5, true, vt);
     check_linear(rng, 41, 104, 1, 4, 0.5, true, vt);
     check_linear(rng, 33, 112, 1, 2, 0.5, true, vt);
+    // 2:4 rows through every loop of the batch-1 kernel: whole 16-byte blocks, then pairs, then a last byte
+    // (widths 37 and 129), with 8 ranks split into shares across the tasks
+    check_linear(rng, 37, 296, 1, 8, 0.5, true, vt);
+    check_linear(rng, 70, 1032, 1, 8, 0.5, true, vt);
     check_linear(rng, 41, 104, 24, 4, 0.5, true, vt);
     check_linear(rng, 130, 1024, 1, 8, 0.3, false, vt);
     // prefill on both sides of the dense-tile density: 50 rows (a 36-row chunk and 14 = 6 + 6 + 2), m = 70

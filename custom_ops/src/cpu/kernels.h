@@ -96,8 +96,8 @@ struct AdapterTerms {
   const int32_t* b_t_spans = nullptr;
   int64_t rank = 0;
   const float* bias = nullptr;  // [N] or null
-  // Optional: the compact form of the same a and b, which batch 1 then reads instead; each thread that runs
-  // a call's tasks computes A x itself, so no pass over A runs on the calling thread alone.
+  // Optional: the compact form of the same a and b, which batch 1 then reads instead; the call's tasks
+  // compute A x in shares of ranks beside each other, so no pass over A runs on the calling thread alone.
   AdapterPanels panels;
 };
 

@@ -60,14 +60,21 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // takes it from the front in blocks, reading its stream in order; a thread that finishes its range takes
 // blocks from the back of another's, so a core that stalls or a pool thread that wakes late no longer holds
 // up the whole layer (with static halves the faster thread waited).
+constexpr int64_t kMaxThreads = 64;
+
+int64_t hardware_threads() {
+  static const int64_t threads = std::clamp<int64_t>(std::thread::hardware_concurrency(), 1, kMaxThreads);
+  return threads;
+}
+
 class RowRanges {
  public:
-  static constexpr int64_t kMaxRanges = 64;
+  static constexpr int64_t kMaxRanges = kMaxThreads;
 
   // rows split into blocks of a multiple of 8 rows (whole vectors for the adapter epilogue), about
   // kBlocksPerRange per range.
   explicit RowRanges(int64_t rows) : rows_(rows) {
-    static const int64_t threads = std::clamp<int64_t>(std::thread::hardware_concurrency(), 1, kMaxRanges);
+    const int64_t threads = hardware_threads();
     block_rows_ = std::max<int64_t>(8, ceil_div(ceil_div(rows, threads * kBlocksPerRange), 8) * 8);
     const int64_t blocks = ceil_div(rows, block_rows_);
     ranges_ = std::max<int64_t>(1, std::min(threads, blocks));
@@ -162,25 +169,53 @@ void adapter_epilogue_panels(const KernelSet& ks, const AdapterPanels& p, const 
   }
 }
 
-// A call's T = X A^T for batch 1 with compact adapters, computed by each thread that runs one of the call's
-// tasks (once per thread and call): the pass over A then runs beside the other threads' rows instead of
-// before them on the calling thread alone. `call` identifies the call (next_call_id).
-const float* thread_adapter_input(const KernelSet& ks, const AdapterTerms& ad, const float* x, int64_t k,
-                                  uint64_t call) {
-  thread_local uint64_t cached_call = 0;
-  thread_local std::vector<float> t;
-  if (cached_call != call) {
-    if (static_cast<int64_t>(t.size()) < ad.rank) t.resize(static_cast<size_t>(ad.rank));
-    ks.dot_rows_f16(ad.panels.a, ad.rank, ad.panels.a_stride, ceil_div(k, 8) * 8, x, t.data());
-    cached_call = call;
+// A call's T = x A^T for batch 1 with compact adapters, split into shares of ranks. Each task first computes
+// the share of its own index, so the threads' passes over A run side by side and each reads only its part of
+// A (a whole T per thread read A once per thread: at r = 64, K = 4096 that is 512 KiB each, ~8% of the
+// kernel's time). A task that needs all of T computes the shares no task has taken yet and waits for those in
+// progress: a taken share is being computed by a running thread, so the wait ends even when the pool runs
+// the tasks one after another on one thread.
+class SharedAdapterInput {
+ public:
+  SharedAdapterInput(const KernelSet& ks, const AdapterTerms& ad, const float* x, int64_t k, int64_t shares)
+      : ks_(ks), ad_(ad), x_(x), len_(ceil_div(k, 8) * 8), shares_(std::clamp<int64_t>(shares, 1, ad.rank)),
+        t_(static_cast<size_t>(ad.rank)), state_(new std::atomic<int>[static_cast<size_t>(shares_)]) {
+    for (int64_t i = 0; i < shares_; ++i) state_[i].store(kFree, std::memory_order_relaxed);
   }
-  return t.data();
-}
 
-uint64_t next_call_id() {
-  static std::atomic<uint64_t> calls{0};
-  return calls.fetch_add(1, std::memory_order_relaxed) + 1;
-}
+  // Computes share i unless a task has taken it (i past the last share: nothing).
+  void compute(int64_t i) {
+    if (i >= shares_) return;
+    int expected = kFree;
+    if (!state_[i].compare_exchange_strong(expected, kTaken, std::memory_order_relaxed)) return;
+    const int64_t r0 = i * ad_.rank / shares_, r1 = (i + 1) * ad_.rank / shares_;
+    ks_.dot_rows_f16(ad_.panels.a + r0 * ad_.panels.a_stride, r1 - r0, ad_.panels.a_stride, len_, x_,
+                     t_.data() + r0);
+    state_[i].store(kDone, std::memory_order_release);
+  }
+
+  // All of T.
+  const float* all() {
+    if (complete_.load(std::memory_order_acquire)) return t_.data();
+    for (int64_t i = 0; i < shares_; ++i) compute(i);
+    for (int64_t i = 0; i < shares_; ++i) {
+      while (state_[i].load(std::memory_order_acquire) != kDone) std::this_thread::yield();
+    }
+    complete_.store(true, std::memory_order_release);
+    return t_.data();
+  }
+
+ private:
+  static constexpr int kFree = 0, kTaken = 1, kDone = 2;
+  const KernelSet& ks_;
+  const AdapterTerms& ad_;
+  const float* x_;
+  int64_t len_;
+  int64_t shares_;
+  std::vector<float> t_;
+  std::unique_ptr<std::atomic<int>[]> state_;
+  std::atomic<bool> complete_{false};
+};
 
 void adapter_epilogue(const KernelSet& ks, const AdapterTerms& ad, const float* t, int64_t m, int64_t n_total,
                       float* y, int64_t n0, int64_t n1) {
@@ -206,8 +241,8 @@ struct Job {
   const float* x;
   int64_t m;
   int64_t ldx;
-  const float* t;  // X A^T [m, rank] (m == 1 and small-m paths); null: each task's thread computes it
-  uint64_t call;   // with t null: next_call_id() of this call
+  const float* t;  // X A^T [m, rank] (m == 1 and small-m paths); null at m == 1: `shared` holds it
+  SharedAdapterInput* shared;
   float* y;
   RowRanges* rows;  // m == 1
   int64_t chunk_rows;
@@ -222,9 +257,10 @@ struct Job {
 
 void gemv_task(void* arg, int64_t c) {
   const Job& j = *static_cast<const Job*>(arg);
+  if (j.shared) j.shared->compute(c);
   j.rows->run(c, [&](int64_t n0, int64_t n1) {
     j.ks->gemv_rows(*j.w, j.x, j.y + n0, n0, n1);
-    const float* t = j.t ? j.t : thread_adapter_input(*j.ks, *j.ad, j.x, j.w->cols, j.call);
+    const float* t = j.t ? j.t : j.shared->all();
     adapter_epilogue(*j.ks, *j.ad, t, 1, j.w->rows, j.y, n0, n1);
   });
 }
@@ -420,8 +456,8 @@ struct QuantJob {
   const float* x;
   const int8_t* xp;    // the integer path's activations (prepare_q24_activations)
   const float* xs8;
-  const float* t;  // X A^T [1, rank]; null: each task's thread computes it
-  uint64_t call;   // with t null: next_call_id() of this call
+  const float* t;  // X A^T [1, rank]; null: `shared` holds it
+  SharedAdapterInput* shared;
   float* y;
   RowRanges* rows;     // the integer path
   float* dequantized;  // m > 1: fp32 values [nnz]
@@ -430,9 +466,10 @@ struct QuantJob {
 
 void gemv_q24_task(void* arg, int64_t c) {
   const QuantJob& j = *static_cast<const QuantJob*>(arg);
+  if (j.shared) j.shared->compute(c);
   j.rows->run(c, [&](int64_t n0, int64_t n1) {
     j.ks->gemv_rows_q24(*j.w, j.xp, j.xs8, j.y + n0, n0, n1);
-    const float* t = j.t ? j.t : thread_adapter_input(*j.ks, *j.ad, j.x, j.w->cols, j.call);
+    const float* t = j.t ? j.t : j.shared->all();
     adapter_epilogue(*j.ks, *j.ad, t, 1, j.w->rows, j.y, n0, n1);
   });
 }
@@ -459,6 +496,7 @@ void gemv_dequant_task(void* arg, int64_t c) {
   const SparseWeight& w = *j.w;
   const int64_t n0 = c * j.chunk_rows;
   const int64_t n1 = std::min(n0 + j.chunk_rows, w.rows);
+  if (j.shared) j.shared->compute(c);
   // per-thread buffers, grown but never shrunk or cleared: a fresh zero-filled vector per chunk cost more than
   // the chunk's arithmetic (a 128 KiB memset per 16 rows)
   thread_local std::vector<float> values;
@@ -472,7 +510,7 @@ void gemv_dequant_task(void* arg, int64_t c) {
   SparseWeight view = float_rows(w, n0, n1, values.data(), offsets.data());
   view.nnz += 8;
   j.ks->gemv_rows(view, j.x, j.y + n0, 0, n1 - n0);
-  const float* t = j.t ? j.t : thread_adapter_input(*j.ks, *j.ad, j.x, w.cols, j.call);
+  const float* t = j.t ? j.t : j.shared->all();
   adapter_epilogue(*j.ks, *j.ad, t, 1, w.rows, j.y, n0, n1);
 }
 
@@ -608,7 +646,9 @@ void quantized_linear(const KernelSet& ks, const SparseWeight& w, const AdapterT
   }
   const std::vector<float> t = batch1_adapter_inputs(ks, w, ad, x, ldx, runner);
   job.t = t.empty() ? nullptr : t.data();
-  job.call = next_call_id();
+  std::unique_ptr<SharedAdapterInput> shared;
+  if (t.empty()) shared = std::make_unique<SharedAdapterInput>(ks, ad, x, w.cols, hardware_threads());
+  job.shared = shared.get();
   if (ks.gemv_rows_q24 != nullptr && int_path_applies(w)) {
     SparseWeight packed = w;
     LargeBytes per_call;
@@ -650,8 +690,10 @@ void sparse_linear(const KernelSet& ks, const SparseWeight& w, const AdapterTerm
   if (m == 1) {
     const std::vector<float> t = batch1_adapter_inputs(ks, w, ad, x, ldx, runner);
     job.t = t.empty() ? nullptr : t.data();
-    job.call = next_call_id();
     RowRanges rows(n);
+    std::unique_ptr<SharedAdapterInput> shared;
+    if (t.empty()) shared = std::make_unique<SharedAdapterInput>(ks, ad, x, w.cols, rows.ranges());
+    job.shared = shared.get();
     job.rows = &rows;
     runner(rows.ranges(), gemv_task, &job);
     return;
