@@ -54,12 +54,6 @@ constexpr int64_t kSerialAdapterMacs = 1 << 16;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Batch-1 scheduling. A batch-1 pass streams its weight once from DRAM, and every task boundary restarts that
-// stream cold: SmolLM2 decode (210 small layers a token, 2 threads) ran 0.94x, 1.10x and 1.21x of ORT int4
-// with 16-row, 64-row and two tasks per layer. So each hardware thread owns one contiguous range of rows and
-// takes it from the front in blocks, reading its stream in order; a thread that finishes its range takes
-// blocks from the back of another's, so a core that stalls or a pool thread that wakes late no longer holds
-// up the whole layer (with static halves the faster thread waited).
 constexpr int64_t kMaxThreads = 64;
 
 int64_t hardware_threads() {
@@ -67,6 +61,12 @@ int64_t hardware_threads() {
   return threads;
 }
 
+// Batch-1 scheduling. A batch-1 pass streams its weight once from DRAM, and every task boundary restarts that
+// stream cold: SmolLM2 decode (210 small layers a token, 2 threads) ran 0.94x, 1.10x and 1.21x of ORT int4
+// with 16-row, 64-row and two tasks per layer. So each hardware thread owns one contiguous range of rows and
+// takes it from the front in blocks, reading its stream in order; a thread that finishes its range takes
+// blocks from the back of another's, so a core that stalls or a pool thread that wakes late no longer holds
+// up the whole layer (with static halves the faster thread waited).
 class RowRanges {
  public:
   static constexpr int64_t kMaxRanges = kMaxThreads;
@@ -171,10 +171,10 @@ void adapter_epilogue_panels(const KernelSet& ks, const AdapterPanels& p, const 
 
 // A call's T = x A^T for batch 1 with compact adapters, split into shares of ranks. Each task first computes
 // the share of its own index, so the threads' passes over A run side by side and each reads only its part of
-// A (a whole T per thread read A once per thread: at r = 64, K = 4096 that is 512 KiB each, ~8% of the
-// kernel's time). A task that needs all of T computes the shares no task has taken yet and waits for those in
-// progress: a taken share is being computed by a running thread, so the wait ends even when the pool runs
-// the tasks one after another on one thread.
+// A (a whole T per thread read all of A on every thread: 512 KiB each at r = 64, K = 4096; BENCHMARKS.md
+// section 2, twelfth session). A task that needs all of T computes the shares no task has taken yet and waits
+// for those in progress: a taken share is being computed by a running thread, so the wait ends even when the
+// pool runs the tasks one after another on one thread.
 class SharedAdapterInput {
  public:
   SharedAdapterInput(const KernelSet& ks, const AdapterTerms& ad, const float* x, int64_t k, int64_t shares)
