@@ -210,10 +210,10 @@ inline void rows_two_four_f32(const uint8_t* const* bm, const uint8_t** vp, cons
 // values of a byte pair (16 columns) become 8 fp32 lanes with one conversion, in memory order
 // [b0 lo, b0 hi | b1 lo, b1 hi] (2 values per nibble), and the x of their columns are gathered to match.
 // vpermilps gathers only inside 128-bit halves, so x arrives split per pair as xa = [cols 0-3 | 8-11] and
-// xb = [cols 4-7 | 12-15] (split_pairs, once per call): one control [pos24[b0] | pos24[b1]] then gathers the
-// lo nibbles' x from xa and the hi nibbles' from xb, and a blend joins them. Against gathering from plain x,
-// which needed a byte shuffle per pair to put the values in the gathered order, this took 3-6% off one
-// core's time (`kernel_selftest --bench 2048 4096 1 2:4 f16`, alternating runs, min of 5).
+// xb = [cols 4-7 | 12-15] (split_pairs, once per block of rows): one control [pos24[b0] | pos24[b1]] then
+// gathers the lo nibbles' x from xa and the hi nibbles' from xb, and a blend joins them. Against gathering
+// from plain x, which needed a byte shuffle per pair to put the values in the gathered order, this took 3-6%
+// off one core's time (`kernel_selftest --bench 2048 4096 1 2:4 f16`, alternating runs, min of 5).
 template <int R>
 inline void rows_two_four_f16(const uint8_t* const* bm, const uint8_t** vp, const float* x, const float* xs,
                               int64_t width, float* out) {
