@@ -176,7 +176,7 @@ class BitmapWeightInput {
     constant_ = true;
     // Every batch-1 call streams these from DRAM, one TLB miss per 4 KiB page. On huge pages a 4096^2 layer
     // ran 4-6% faster under ORT (50% and 2:4, fp16 values, 2 threads; BENCHMARKS.md section 2, thirteenth
-    // session).
+    // session), for ~1.4 ms per MiB once, here at session creation.
     advise_large_pages(cached_.bitmap, static_cast<size_t>(cached_.rows * cached_.width));
     advise_large_pages(cached_.values, static_cast<size_t>(value_bytes(cached_)));
   }
