@@ -141,7 +141,7 @@ inline void rows_unstructured(const uint8_t* const* bm, const uint8_t** vp, cons
     }
     // 8 bitmap bytes in one load, taken apart with shifts, and the value pointer advanced by popcnt instead of
     // a table: the loop is bound by its loads (a control, the values and x for every byte), and these two
-    // loads per byte cost 9-15% at 50% and 70% (4096^2, M = 1, 2 threads, weights from DRAM).
+    // loads per byte cost 11-16% at 50% and 70% (4096^2, M = 1, 2 threads, weights from DRAM).
     uint64_t bits[R];
     for (int r = 0; r < R; ++r) std::memcpy(&bits[r], bm[r] + g, 8);
     for (int j = 0; j < 8; j += 2) {
